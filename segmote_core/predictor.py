@@ -192,31 +192,38 @@ class SegMoTEPredictor:
     @torch.inference_mode()
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                       multimask_output: bool = False, auto: bool = False,
-                      return_logits: bool = False) -> tuple[torch.Tensor, DecoderOutput]:
+                      return_logits: bool = False,
+                      want_heatmaps: bool = False) -> tuple[torch.Tensor, DecoderOutput]:
         """Batched prompts already in the resized frame (as SamPredictor.predict_torch).
 
         ``point_coords`` (N, P, 2), ``point_labels`` (N, P), ``boxes`` (N, 4), ``mask_input``
         (N, 1, 4h, 4w). Returns masks (N, M, Y, X) at the original size and the raw output.
+        ``want_heatmaps`` also computes routing heat maps (otherwise done on demand by
+        :meth:`routing_heatmaps`, keeping the prompt -> mask path lean).
         """
         if self.features is None:
             raise RuntimeError("no image set: call set_image() or set_embedding() first")
         dev = self.device
+        self.model.cache_hq(self.features)
         points = None
         if point_coords is not None:
             points = (point_coords.to(dev), point_labels.to(dev))
         out = self.model.decode(
             self.features, points=points, boxes=None if boxes is None else boxes.to(dev),
             mask_inputs=None if mask_input is None else mask_input.to(dev), auto=auto,
-            multimask_output=multimask_output, want_heatmaps=self.model.decoder_ext.use_experts)
+            multimask_output=multimask_output, want_heatmaps=want_heatmaps)
         self._last = out
+        self._last_call = (point_coords, point_labels, boxes, mask_input, multimask_output, auto)
         masks = self.model.sam.postprocess_masks(out.low_res_masks, self.input_size,
                                                  self.original_size)
         return (masks if return_logits else masks > 0.0), out
 
     def routing_heatmaps(self) -> np.ndarray:
         """(E, Y, X) routing heat maps of the last prediction, at the original image size."""
-        if self._last is None or self._last.heatmaps is None:
+        if self._last is None or not self.model.decoder_ext.use_experts:
             raise RuntimeError("no routing heat maps: predict() with a model that has experts first")
+        if self._last.heatmaps is None:  # re-run the last prompt with attention kept
+            self.predict_torch(*self._last_call, want_heatmaps=True)
         heat = self._last.heatmaps[:1].float()
         s = self.model.image_size
         full = F.interpolate(heat, size=(s, s), mode="bilinear", align_corners=False)

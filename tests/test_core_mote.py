@@ -158,3 +158,29 @@ def test_balance_loss_sums_both_blocks(tiny_model):
     assert out.balance_loss.item() == pytest.approx(expected.item())
     # only the last block's selected token predicts
     assert torch.equal(out.selected_token, out.routings[-1].selected_token)
+
+
+def test_expert_mask_is_selected_token_dot_fused_features(tiny_model):
+    """SPEC 1.1: the selected token's own hypernetwork . (fusion(upscaled) + HQ features)."""
+    from segmote_core.modeling.transformer import run_two_way_transformer
+
+    m = tiny_model.eval()
+    torch.manual_seed(3)
+    f = ImageFeatures(torch.randn(3, 128, 32, 32), torch.randn(3, 32, 32, 192))
+    boxes = torch.tensor([[10.0, 10, 100, 100], [20, 30, 200, 220], [0, 0, 255, 255]])
+    d, pe, dec = m.decoder_ext, m.sam.prompt_encoder, m.sam.mask_decoder
+    with torch.no_grad():
+        out = m.decode(f, boxes=boxes)
+        sparse, dense = pe(points=None, boxes=boxes, masks=None)
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight, d.expert_tokens.weight])
+        tokens = torch.cat([tokens.unsqueeze(0).expand(3, -1, -1), sparse], 1)
+        r = run_two_way_transformer(dec.transformer, d.routers, f.image_embeddings + dense,
+                                    pe.get_dense_pe().repeat(3, 1, 1, 1), tokens, slice(5, 9))
+        up = dec.output_upscaling(r.keys.transpose(1, 2).reshape(3, 128, 32, 32))
+        fused = (d.feature_fusion(up) + d.embedding_encoder(f.image_embeddings)
+                 + d.compress_vit_feat(f.interm_embeddings.permute(0, 3, 1, 2)))
+        t = r.routings[-1].selected_token
+        hyper = torch.stack([d.expert_hypernetworks[int(t[i])](r.queries[i, 5 + int(t[i])])
+                             for i in range(3)])
+        ref = torch.einsum("nc,nchw->nhw", hyper, fused)
+    torch.testing.assert_close(out.expert_masks[:, 0], ref, atol=1e-5, rtol=1e-5)

@@ -28,17 +28,21 @@ class ImageFeatures:
 
     image_embeddings: Tensor            # (B, C, h, w)
     interm_embeddings: Tensor | None    # (B, h, w, D_vit) first global-attention block, or None
+    hq: Tensor | None = None            # (B, C/8, 4h, 4w) fusion features, cached at inference
 
     def __getitem__(self, idx: slice | int) -> "ImageFeatures":
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)
-        interm = self.interm_embeddings[idx] if self.interm_embeddings is not None else None
-        return ImageFeatures(self.image_embeddings[idx], interm)
+        def take(t: Tensor | None) -> Tensor | None:
+            return t[idx] if t is not None else None
+        return ImageFeatures(self.image_embeddings[idx], take(self.interm_embeddings),
+                             take(self.hq))
 
     def to(self, *args, **kwargs) -> "ImageFeatures":
-        interm = self.interm_embeddings
-        return ImageFeatures(self.image_embeddings.to(*args, **kwargs),
-                             interm.to(*args, **kwargs) if interm is not None else None)
+        def move(t: Tensor | None) -> Tensor | None:
+            return t.to(*args, **kwargs) if t is not None else None
+        return ImageFeatures(move(self.image_embeddings), move(self.interm_embeddings),
+                             move(self.hq))
 
 
 @dataclass
@@ -155,6 +159,14 @@ class SegMoTE(nn.Module):
         interm = store.get("x")
         return ImageFeatures(emb.float(), interm.float() if interm is not None else None)
 
+    @torch.inference_mode()
+    def cache_hq(self, features: ImageFeatures) -> ImageFeatures:
+        """Compute the per-image fusion features once, for repeated prompting at inference."""
+        if self.needs_interm and features.hq is None:
+            features.hq = self.decoder_ext.hq_features(features.image_embeddings,
+                                                       features.interm_embeddings)
+        return features
+
     # ----------------------------------------------------------------------------- decoder
     def decode(
         self,
@@ -206,7 +218,8 @@ class SegMoTE(nn.Module):
             raise ValueError(f"{emb.shape[0]} images but {n} prompt sets")
 
         raw = self.decoder_ext(self.sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense,
-                               features.interm_embeddings, want_attention=want_heatmaps)
+                               features.interm_embeddings, want_attention=want_heatmaps,
+                               hq_features=features.hq)
         return self._finish(raw, multimask_output, want_heatmaps, emb.shape[-2:])
 
     def _finish(self, raw, multimask_output: bool, want_heatmaps: bool, hw) -> DecoderOutput:
