@@ -77,7 +77,7 @@ def interpolate_position_tables(state: dict[str, Tensor], sam: Sam) -> dict[str,
 
 
 def build_segmote(config: SegMoTEConfig | None = None, *, sam_checkpoint: str | Path | None = None,
-                  device: str | torch.device = "cpu") -> SegMoTE:
+                  device: str | torch.device = "cpu", compute_text_vectors: bool = True) -> SegMoTE:
     """Build SegMoTE; with ``sam_checkpoint`` SAM's weights come from an official ``.pth``.
 
     The added modules start from their initialisation (the router's gate at zero, as the
@@ -91,7 +91,7 @@ def build_segmote(config: SegMoTEConfig | None = None, *, sam_checkpoint: str | 
         state = load_sam_state_dict(sam_checkpoint)
         state = interpolate_position_tables(state, sam)
         _load_strict(sam, state, str(sam_checkpoint))
-    model = SegMoTE(sam, config).to(device)
+    model = SegMoTE(sam, config, compute_text_vectors).to(device)
     model.eval()
     return model
 

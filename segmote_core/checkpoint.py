@@ -128,7 +128,8 @@ def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
         raise CheckpointError(
             f"{path}: these SegMoTE weights sit on the official SAM {config.model_type} "
             f"checkpoint; pass sam_checkpoint= (--sam-checkpoint) with its path")
-    model = build_segmote(config, sam_checkpoint=sam_checkpoint if base != "embedded" else None)
+    model = build_segmote(config, sam_checkpoint=sam_checkpoint if base != "embedded" else None,
+                          compute_text_vectors=False)  # the vectors come from the file
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

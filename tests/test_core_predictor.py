@@ -100,3 +100,18 @@ def test_normalisation_per_modality():
         normalize_intensity(np.zeros((2, 3, 4, 5)), "MR")
     with pytest.raises(ValueError, match="unknown CT window"):
         normalize_intensity(ct, "CT", window="nope")
+
+
+def test_bf16_encoder_stays_close_to_fp32(tiny_model, rng):
+    """The accuracy cost of bf16 autocast: small embedding error, near-identical masks."""
+    _, image = _images(rng)[0]
+    p32, p16 = SegMoTEPredictor(tiny_model, "fp32"), SegMoTEPredictor(tiny_model, "bf16")
+    assert not p32.bf16 and p16.bf16
+    p32.set_image(image, modality="CT")
+    p16.set_image(image, modality="CT")
+    e32, e16 = p32.features.image_embeddings, p16.features.image_embeddings
+    assert e16.dtype == torch.float32
+    rel = ((e16 - e32).norm() / e32.norm()).item()
+    assert 0 < rel < 0.05
+    with pytest.raises(ValueError, match="precision"):
+        SegMoTEPredictor(tiny_model, "fp8")

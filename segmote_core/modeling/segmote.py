@@ -73,7 +73,7 @@ def stability_score(logits: Tensor, threshold: float = 0.0, offset: float = 1.0)
 class SegMoTE(nn.Module):
     """SAM + expert tokens / MoTE + PPT (SPEC 1)."""
 
-    def __init__(self, sam: Sam, config: SegMoTEConfig) -> None:
+    def __init__(self, sam: Sam, config: SegMoTEConfig, compute_text_vectors: bool = True) -> None:
         super().__init__()
         self.sam = sam
         self.config = config
@@ -85,7 +85,8 @@ class SegMoTE(nn.Module):
             weight_tokens=config.weight_tokens, hq_fusion=config.hq_fusion)
         self.ppt = (PromptTokenizer(dim=dim, num_queries=config.num_ppt_queries,
                                     num_heads=config.ppt_heads) if config.use_ppt else None)
-        self.text_encoder = (build_text_encoder(config.text_encoder, config.vocabulary, dim)
+        self.text_encoder = (build_text_encoder(config.text_encoder, config.vocabulary, dim,
+                                                compute_text_vectors)
                              if config.use_ppt and config.vocabulary else None)
         self.interm_block = config.preset.global_attn_indexes[0]
         self.apply_freezing()

@@ -1,0 +1,131 @@
+"""The in-memory description of a medical image and the errors its readers raise.
+
+Axis conventions (docs/ARCHITECTURE.md): volumes are ``(Z, Y, X)``, 2D images ``(Y, X)`` grey or
+``(Y, X, 3)`` RGB. ``spacing`` is in mm in the same axis order as the data. ``affine`` is the
+``(4, 4)`` map from voxel indices ``(z, y, x, 1)`` to world coordinates (NIfTI's RAS+ millimetres
+when the source is NIfTI). A NIfTI file stores its voxels as ``(i, j, k) = (X, Y, Z)``: the
+readers reverse the axes and permute the affine's columns accordingly
+(:func:`nifti_to_zyx_affine`); the writers undo both, so labels written with a source image's
+affine overlay it in ITK-SNAP or 3D Slicer whatever its orientation (RAS, LPS, oblique).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MedicalImage", "ImageReadError", "ImageTypeError", "nifti_to_zyx_affine",
+    "zyx_to_nifti_affine", "spacing_affine", "check_image_dtype", "check_finite",
+]
+
+_PERMUTE = [2, 1, 0, 3]  # (i, j, k, 1) <-> (z, y, x, 1): reversing the three voxel axes
+
+
+class ImageReadError(ValueError):
+    """A file or case that cannot be used as an image. ``str()`` names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ImageTypeError(ImageReadError, TypeError):
+    """An image whose dtype is not numeric (complex, structured, string, object...)."""
+
+
+def nifti_to_zyx_affine(affine: np.ndarray) -> np.ndarray:
+    """A NIfTI ``(i, j, k) -> world`` affine to the ``(z, y, x) -> world`` one of reversed data."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be (4, 4), got {affine.shape}")
+    return affine[:, _PERMUTE].copy()
+
+
+def zyx_to_nifti_affine(affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`nifti_to_zyx_affine` (the permutation is its own inverse)."""
+    return nifti_to_zyx_affine(affine)
+
+
+def spacing_affine(spacing: tuple[float, ...]) -> np.ndarray:
+    """The ``(z, y, x) -> world`` affine of an axis-aligned grid with ``spacing`` (z, y, x) or
+    (y, x) mm, world axes ``(x, y, z)`` as in NIfTI: its NIfTI form is ``diag(sx, sy, sz, 1)``."""
+    sp = [float(s) for s in spacing]
+    if len(sp) == 2:
+        sp = [1.0] + sp
+    if len(sp) != 3 or any(not np.isfinite(s) or s <= 0 for s in sp):
+        raise ValueError(f"spacing must be 2 or 3 positive finite numbers, got {spacing}")
+    sz, sy, sx = sp
+    return nifti_to_zyx_affine(np.diag([sx, sy, sz, 1.0]))
+
+
+def check_image_dtype(dtype: np.dtype, path: str | Path, what: str = "image") -> np.dtype:
+    """Accept integer, unsigned, float and bool dtypes; raise :class:`ImageTypeError` otherwise."""
+    dtype = np.dtype(dtype)
+    if dtype.names is not None:
+        raise ImageTypeError(path, f"{what} has a structured dtype {dtype} (e.g. NIfTI RGB24); "
+                                   "expected one scalar per voxel")
+    if dtype.kind not in "biuf":
+        raise ImageTypeError(path, f"{what} has dtype {dtype}, which is not a real number type "
+                                   "(expected integer or floating point)")
+    return dtype
+
+
+def check_finite(sample: np.ndarray, path: str | Path, where: str = "") -> None:
+    """Raise :class:`ImageReadError` when ``sample`` holds no finite value (all NaN / inf)."""
+    if sample.dtype.kind == "f" and sample.size and not np.isfinite(sample).any():
+        raise ImageReadError(path, f"{where}all values are NaN or infinite")
+
+
+@dataclass
+class MedicalImage:
+    """An opened image with its geometry.
+
+    Attributes:
+        data: ``(Z, Y, X)`` volume as a lazy ``dask.array`` (chunks of whole slices), or a numpy
+            ``(Y, X)`` / ``(Y, X, 3)`` 2D image.
+        spacing: voxel size in mm, same order as the spatial axes of ``data``.
+        affine: ``(4, 4)`` voxel ``(z, y, x, 1)`` -> world (for 2D, ``z = 0``).
+        modality: ``"CT"``, ``"MR"``, ``"XR"``, ``"DERM"``, ...
+        axes: ``"ZYX"``, ``"YX"`` or ``"YXC"``.
+        source: the path it was read from.
+        meta: reader-specific extras (``"format"``, NIfTI ``"orientation"`` codes, ...).
+    """
+
+    data: Any
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    modality: str
+    axes: str
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.data.shape)
+
+    @property
+    def is_volume(self) -> bool:
+        return self.axes == "ZYX"
+
+    @property
+    def n_slices(self) -> int:
+        return self.shape[0] if self.is_volume else 1
+
+    def slice(self, z: int) -> np.ndarray:
+        """The 2D numpy slice ``z`` of a volume (reads only that slice); the image itself if 2D."""
+        if not self.is_volume:
+            if z != 0:
+                raise IndexError(f"{self.source}: a 2D image has only slice 0, asked for {z}")
+            return np.asarray(self.data)
+        if not 0 <= z < self.shape[0]:
+            raise IndexError(f"{self.source}: slice {z} outside 0..{self.shape[0] - 1}")
+        return np.asarray(self.data[z])
+
+    def __repr__(self) -> str:
+        return (f"MedicalImage({self.source!r}, shape={self.shape}, axes={self.axes!r}, "
+                f"modality={self.modality!r}, spacing={tuple(round(s, 4) for s in self.spacing)})")
