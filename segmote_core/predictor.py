@@ -211,7 +211,8 @@ class SegMoTEPredictor:
         out = self.model.decode(
             self.features, points=points, boxes=None if boxes is None else boxes.to(dev),
             mask_inputs=None if mask_input is None else mask_input.to(dev), auto=auto,
-            multimask_output=multimask_output, want_heatmaps=want_heatmaps)
+            multimask_output=multimask_output, want_heatmaps=want_heatmaps,
+            fusion_bf16=self.bf16)
         self._last = out
         self._last_call = (point_coords, point_labels, boxes, mask_input, multimask_output, auto)
         masks = self.model.sam.postprocess_masks(out.low_res_masks, self.input_size,

@@ -184,3 +184,15 @@ def test_expert_mask_is_selected_token_dot_fused_features(tiny_model):
                              for i in range(3)])
         ref = torch.einsum("nc,nchw->nhw", hyper, fused)
     torch.testing.assert_close(out.expert_masks[:, 0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_to_one_channel_equals_conv2d():
+    import torch.nn.functional as F
+
+    from segmote_core.modeling.fast_ops import conv_to_one_channel
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 20, 17).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 16, 3, 3)
+    ref = torch.stack([F.conv2d(x[i:i + 1], w[i:i + 1], padding=1)[0, 0] for i in range(3)])
+    torch.testing.assert_close(conv_to_one_channel(x, w), ref, atol=1e-4, rtol=1e-5)

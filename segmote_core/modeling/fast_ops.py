@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
-__all__ = ["run_stack"]
+__all__ = ["run_stack", "conv_to_one_channel"]
 
 
 def _layer_norm_2d(norm: LayerNorm2d, x: Tensor) -> Tensor:
@@ -29,3 +29,25 @@ def run_stack(stack: nn.Sequential, x: Tensor) -> Tensor:
     for layer in stack:
         x = _layer_norm_2d(layer, x) if isinstance(layer, LayerNorm2d) else layer(x)
     return x
+
+
+def conv_to_one_channel(x: Tensor, weight: Tensor) -> Tensor:
+    """Per-sample 'same' convolution to ONE output channel, as a matmul and shifted adds.
+
+    Args:
+        x: (N, C, H, W) features (any memory format; channels-last is fastest).
+        weight: (N, C, k, k) one kernel per sample (k odd, zero padding k // 2).
+    Returns:
+        (N, H, W), equal to ``conv2d(x[n], weight[n:n+1], padding=k // 2)`` per sample.
+        oneDNN handles a single output channel poorly; (HW x C) @ (C x k*k) is one BLAS call.
+    """
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    p = k // 2
+    taps = x.permute(0, 2, 3, 1).reshape(n, h * w, c) @ weight.reshape(n, c, k * k)
+    taps = F.pad(taps.reshape(n, h, w, k * k).permute(0, 3, 1, 2), (p, p, p, p))
+    out = x.new_zeros(n, h, w)
+    for i in range(k):
+        for j in range(k):
+            out += taps[:, i * k + j, i:i + h, j:j + w]
+    return out

@@ -10,15 +10,15 @@ N prompt sets (one per image, no repeat of the embeddings).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from torch import Tensor, nn
 
-from .fast_ops import run_stack
+from .fast_ops import conv_to_one_channel, run_stack
 from .mote import MoTERouter, RoutingResult
 from .transformer import run_two_way_transformer
 
@@ -79,6 +79,7 @@ class SegMoTEMaskDecoder(nn.Module):
         interm_embeddings: Tensor | None = None,
         want_attention: bool = False,
         hq_features: Tensor | None = None,
+        fusion_bf16: bool = False,
     ) -> RawDecoderOutput:
         """Decode masks.
 
@@ -92,6 +93,8 @@ class SegMoTEMaskDecoder(nn.Module):
             want_attention: keep the expert tokens' attention maps (routing heat maps).
             hq_features: (1 or N, C/8, 4h, 4w) from :meth:`hq_features`, when already computed
                 for these images (the predictor keeps them per image).
+            fusion_bf16: run the per-prompt fusion convs under bf16 autocast (inference on
+                hardware with native bf16; the rest of the decoder stays fp32).
         """
         n = sparse_prompt_embeddings.shape[0]
         b = image_embeddings.shape[0]
@@ -134,7 +137,7 @@ class SegMoTEMaskDecoder(nn.Module):
             hq_features = self.hq_features(image_embeddings, interm_embeddings)
         if self.use_experts:
             expert_masks = self._expert_mask(hs[:, expert_slice], upscaled, hq_features,
-                                             result.routings[-1])
+                                             result.routings[-1], fusion_bf16)
         return RawDecoderOutput(masks, iou_pred, expert_masks, result.routings,
                                 result.expert_attention)
 
@@ -146,7 +149,7 @@ class SegMoTEMaskDecoder(nn.Module):
                 + run_stack(self.compress_vit_feat, interm_embeddings.permute(0, 3, 1, 2)))
 
     def _expert_mask(self, expert_out: Tensor, upscaled: Tensor, hq_features: Tensor | None,
-                     routing: RoutingResult) -> Tensor:
+                     routing: RoutingResult, fusion_bf16: bool = False) -> Tensor:
         """Only the token the last router selected predicts, through its own hypernetwork.
 
         ``mask = s . (fusion(upscaled) + hq)`` with ``s`` the selected token's hypernetwork
@@ -164,11 +167,15 @@ class SegMoTEMaskDecoder(nn.Module):
             selected = selected * (w / w.detach())
         if not self.hq_fusion:
             return (selected.unsqueeze(1) @ upscaled.flatten(2)).reshape(n, 1, h4, w4)
-        hidden = run_stack(self.feature_fusion[:-1], upscaled)  # (N, C/4, 4h, 4w)
         last = self.feature_fusion[-1]
         weight = torch.einsum("nc,cikl->nikl", selected, last.weight)  # (N, C/4, 3, 3)
-        mask = F.conv2d(hidden.reshape(1, -1, h4, w4), weight, padding=last.padding, groups=n)
-        mask = mask.reshape(n, h4 * w4) + (selected @ last.bias).unsqueeze(1)
+        ctx = (torch.autocast(upscaled.device.type, dtype=torch.bfloat16) if fusion_bf16
+               else contextlib.nullcontext())
+        with ctx:
+            hidden = run_stack(self.feature_fusion[:-1], upscaled)  # (N, C/4, 4h, 4w)
+            mask = conv_to_one_channel(hidden, weight.to(hidden.dtype))
+        mask = mask.float().reshape(n, h4 * w4)
+        mask = mask + (selected @ last.bias).unsqueeze(1)
         hq = hq_features.flatten(2)  # (1 or N, C/8, 4h*4w), a view in either memory format
         mask = mask + (selected.unsqueeze(1) @ hq).squeeze(1)
         return mask.reshape(n, 1, h4, w4)

@@ -180,6 +180,7 @@ class SegMoTE(nn.Module):
         text_ids: Tensor | None = None,
         multimask_output: bool = False,
         want_heatmaps: bool = False,
+        fusion_bf16: bool = False,
     ) -> DecoderOutput:
         """Decode masks for prompts given in the encoder's input frame (pixels of S x S).
 
@@ -192,6 +193,7 @@ class SegMoTE(nn.Module):
             text_ids: (N,) vocabulary indices: a text token beside the prompt (PPT training).
             multimask_output: return SAM's three ambiguity masks (M = 3) instead of one.
             want_heatmaps: compute routing heat maps (SPEC 1.2 step 8).
+            fusion_bf16: per-prompt fusion convs under bf16 autocast (inference speed).
         """
         if auto and (points is not None or boxes is not None):
             raise ValueError("auto=True (PPT) replaces point and box prompts: give neither")
@@ -220,7 +222,7 @@ class SegMoTE(nn.Module):
 
         raw = self.decoder_ext(self.sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense,
                                features.interm_embeddings, want_attention=want_heatmaps,
-                               hq_features=features.hq)
+                               hq_features=features.hq, fusion_bf16=fusion_bf16)
         return self._finish(raw, multimask_output, want_heatmaps, emb.shape[-2:])
 
     def _finish(self, raw, multimask_output: bool, want_heatmaps: bool, hw) -> DecoderOutput:
