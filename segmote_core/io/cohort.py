@@ -1,143 +1,282 @@
-"""The cohort format of SPEC 2.1: one zarr v3 group per case, whole-slice chunks.
+"""The cohort format of SPEC 2.1: one zarr v3 group per case, each with an ``image`` array in
+chunks of whole slices and, optionally, ground-truth ``labels`` of the same shape.
 
 ```
-cohort.zarr/            attrs {"segmote": {"kind": "cohort", "version": 1}}
-  <case_id>/            attrs: modality, spacing, affine, + dataset/categories/... (training)
-    image               (Z, Y, X), (Y, X) or (Y, X, 3); chunks of whole slices
-    labels              optional ground truth, same spatial shape
+cohort.zarr/              attrs {"segmote": {"kind": "cohort", "version": 1}}
+  <case_id>/              attrs: modality, spacing, dataset, categories, source, ..., complete
+    image                 (Z, Y, X) | (Y, X) | (Y, X, 3); attrs spacing (mm), affine (4x4,
+                          voxel (z, y, x) -> world), modality
+    labels                optional, integer ids, same spatial shape as image
 ```
-Input cohorts are opened read-only by every consumer.
+A case is written slice by slice (a lazy volume is never loaded whole) and marked
+``"complete": true`` last: readers skip cases whose flag is ``false`` (a write in progress or
+interrupted); cases written by other tools without the flag are read as they are.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-import zarr
 
-__all__ = ["CohortError", "Case", "Cohort", "create_cohort", "write_case", "open_cohort",
-           "slice_chunks", "COHORT_KIND"]
+from ..progress import CancelToken, ProgressCallback, report
+from .image import ImageReadError, MedicalImage, check_image_dtype, spacing_affine
 
-COHORT_KIND = {"kind": "cohort", "version": 1}
-_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+__all__ = ["COHORT_VERSION", "COHORT_KIND", "CohortError", "CohortNotFoundError", "Case",
+           "Cohort", "create_cohort", "write_case", "open_cohort", "valid_case_id", "slice_chunks"]
+
+log = logging.getLogger(__name__)
+
+COHORT_VERSION = 1
+COHORT_KIND = {"kind": "cohort", "version": COHORT_VERSION}
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class CohortError(ValueError):
-    """A cohort store or one of its cases is missing, malformed or unreadable."""
+    """A store that is not a cohort, or a malformed or missing case in one."""
+
+
+class CohortNotFoundError(CohortError, FileNotFoundError):
+    """No cohort at that path."""
 
 
 def slice_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Chunks of whole slices: (1, Y, X) for volumes, the whole image for 2D/RGB."""
+    """Chunks of whole slices: ``(1, Y, X)`` for volumes, the whole image for 2D / RGB."""
     if len(shape) == 3 and shape[-1] not in (3, 4):
-        return (1, shape[1], shape[2])
-    return tuple(shape)
+        return (1, int(shape[1]), int(shape[2]))
+    return tuple(int(s) for s in shape)
 
 
-def create_cohort(path: str | Path) -> zarr.Group:
-    """Create (or open, if it is one already) a cohort store at ``path``."""
+def valid_case_id(case_id: str) -> str:
+    """Check a case id: letters, digits, ``.``, ``_``, ``-``; starts with a letter or digit."""
+    if not isinstance(case_id, str) or not _CASE_ID.match(case_id):
+        raise ValueError(f"invalid case id {case_id!r}: use letters, digits, '.', '_' and '-' "
+                         "(at most 128, starting with a letter or digit)")
+    return case_id
+
+
+def create_cohort(path: str | Path) -> Any:
+    """Create an empty cohort, or open an existing one (idempotent); returns its zarr group.
+    Raises :class:`CohortError` if ``path`` exists and is something else."""
+    import zarr
+
     path = Path(path)
     if path.exists():
-        root = zarr.open_group(str(path), mode="r+")
-        if root.attrs.get("segmote", {}).get("kind") != "cohort":
-            raise CohortError(f"{path}: exists and is not a SegMoTE cohort")
-        return root
+        return _cohort_root(path, mode="r+")
     root = zarr.open_group(str(path), mode="w-")
     root.attrs["segmote"] = dict(COHORT_KIND)
+    log.info("created cohort %s", path)
     return root
 
 
-def write_case(cohort: str | Path, case_id: str, image: np.ndarray, *,
+def _cohort_root(path: Path, mode: str = "r") -> Any:
+    import zarr
+
+    if not path.exists():
+        raise CohortNotFoundError(f"{path}: no such cohort")
+    try:
+        root = zarr.open_group(str(path), mode=mode)
+    except Exception as exc:  # zarr raises several types for a foreign store
+        raise CohortError(f"{path}: not a zarr group ({type(exc).__name__}: {exc})") from exc
+    seg = dict(root.attrs).get("segmote") or {}
+    if seg.get("kind") != "cohort":
+        raise CohortError(f"{path}: not a SegMoTE cohort (attrs['segmote']['kind'] is "
+                          f"{seg.get('kind')!r}, expected 'cohort')")
+    if int(seg.get("version", 0)) > COHORT_VERSION:
+        raise CohortError(f"{path}: cohort format version {seg.get('version')} is newer than "
+                          f"this package reads ({COHORT_VERSION})")
+    return root
+
+
+def _slice_chunks(shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
+    return (1, *shape[1:]) if axes == "ZYX" else tuple(shape)
+
+
+def _write_array(group: Any, name: str, data: Any, axes: str, where: str,
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                 labels: bool = False) -> tuple[Any, int]:
+    """Copy ``data`` slice by slice; returns the array and the count of non-finite voxels."""
+    shape = tuple(int(s) for s in data.shape)
+    dtype = np.dtype(data.dtype)
+    if dtype == np.float16:
+        dtype = np.dtype(np.float32)
+    arr = group.create_array(name, shape=shape, dtype=dtype, chunks=_slice_chunks(shape, axes),
+                             fill_value=0, overwrite=True)
+    nonfinite = 0
+    n = shape[0] if axes == "ZYX" else 1
+    for z in range(n):
+        part = np.asarray(data[z]) if axes == "ZYX" else np.asarray(data)
+        if labels and part.size and part.min() < 0:
+            raise ImageReadError(where, f"labels hold negative ids ({int(part.min())})")
+        if not labels and part.dtype.kind == "f":
+            bad = int(np.count_nonzero(~np.isfinite(part)))
+            if bad == part.size:
+                raise ImageReadError(where, f"slice {z} of {n} holds only NaN/inf values"
+                                     if axes == "ZYX" else "all values are NaN or infinite")
+            nonfinite += bad
+        if axes == "ZYX":
+            arr[z] = part
+        else:
+            arr[...] = part
+        report(progress, z + 1, n, cancel)
+    return arr, nonfinite
+
+
+def write_case(cohort: str | Path, case_id: str, image: Any, *,
                spacing: tuple[float, ...] | None = None, affine: np.ndarray | None = None,
-               modality: str = "CT", labels: np.ndarray | None = None,
-               attrs: Mapping[str, Any] | None = None, overwrite: bool = True) -> None:
-    """Write one case (image, optional labels, attrs) into a cohort store."""
-    if not _CASE_ID.match(case_id):
-        raise CohortError(f"case id {case_id!r} must be letters, digits, '.', '_' or '-'")
-    image = np.asarray(image)
-    if image.ndim not in (2, 3):
-        raise CohortError(f"case {case_id!r}: image must be 2D or 3D, got shape {image.shape}")
+               modality: str = "auto", labels: Any = None, attrs: dict[str, Any] | None = None,
+               axes: str | None = None, overwrite: bool = True,
+               progress: ProgressCallback | None = None,
+               cancel: CancelToken | None = None) -> None:
+    """Write (or rewrite) one case: ``image`` and optional ``labels``, then ``complete = True``.
+
+    Args:
+        image: ``(Z, Y, X)``, ``(Y, X)`` or ``(Y, X, 3)`` array-like (numpy, dask, zarr).
+        spacing: mm per spatial axis, same order as ``image`` (default 1 mm).
+        affine: ``(4, 4)`` voxel ``(z, y, x)`` -> world; default a diagonal from ``spacing``.
+        labels: integer ids with the image's spatial shape.
+        attrs: extra case attributes (``dataset``, ``categories``, ``patient``, ``source``...).
+        axes: ``"ZYX"``, ``"YX"`` or ``"YXC"``; inferred from the shape when omitted.
+        overwrite: replace an existing case (its old arrays and attrs go); else raise.
+        progress: ``progress(done_slices, total_slices)``; ``cancel`` stops between slices
+            (the case stays ``complete: false``).
+    Raises:
+        ValueError / ImageReadError / ImageTypeError: the message names the case and the problem.
+    """
+    valid_case_id(case_id)
+    root = _cohort_root(Path(cohort), mode="r+")
+    where = f"{cohort}/{case_id}"
+    shape = tuple(int(s) for s in image.shape)
+    if axes is None:
+        rgb = len(shape) == 3 and shape[-1] == 3 and (spacing is None or len(spacing) == 2)
+        axes = {2: "YX", 3: "YXC" if rgb else "ZYX"}.get(len(shape))
+    if axes not in ("ZYX", "YX", "YXC") or len(shape) != len(axes):
+        raise ImageReadError(where, f"image of shape {shape} is not (Z, Y, X), (Y, X) or (Y, X, 3)")
+    if 0 in shape:
+        raise ImageReadError(where, f"image is empty (shape {shape})")
+    check_image_dtype(image.dtype, where)
+    spatial = shape[:2] if axes == "YXC" else shape
+    spacing = tuple(float(s) for s in (spacing if spacing is not None else (1.0,) * len(spatial)))
+    if len(spacing) != len(spatial) or any(not np.isfinite(s) or s <= 0 for s in spacing):
+        raise ImageReadError(where, f"spacing {spacing} does not fit spatial shape {spatial}")
+    affine = spacing_affine(spacing) if affine is None else np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ImageReadError(where, f"affine has shape {affine.shape}, expected (4, 4)")
     if labels is not None:
-        labels = np.asarray(labels)
-        spatial = image.shape[:2] if image.ndim == 3 and image.shape[-1] in (3, 4) else image.shape
-        if labels.shape != spatial:
-            raise CohortError(f"case {case_id!r}: labels {labels.shape} do not match the image "
-                              f"{spatial}")
-    root = create_cohort(cohort)
-    if case_id in root and overwrite:
+        if tuple(labels.shape) != tuple(spatial):
+            raise ImageReadError(where, f"labels shape {tuple(labels.shape)} differs from the "
+                                        f"image's spatial shape {spatial}")
+        if np.dtype(labels.dtype).kind not in "biu":
+            raise ImageReadError(where, f"labels have dtype {labels.dtype}; expected integer ids")
+    if case_id in root:
+        if not overwrite:
+            raise CohortError(f"{where}: case exists (pass overwrite=True to replace it)")
         del root[case_id]
     group = root.create_group(case_id)
-    ndim_spatial = 2 if image.ndim == 2 or image.shape[-1] in (3, 4) else 3
-    if spacing is None:
-        spacing = (1.0,) * ndim_spatial
-    if affine is None:
-        diag = [float(s) for s in list(spacing)[-3:]]
-        affine = np.diag(diag + [1.0] * (4 - len(diag)))  # voxel (z, y, x) -> mm
-    group.attrs.update({"modality": modality, "spacing": [float(s) for s in spacing],
-                        "affine": np.asarray(affine, dtype=float).tolist(), **dict(attrs or {})})
-    arr = group.create_array("image", shape=image.shape, dtype=image.dtype,
-                             chunks=slice_chunks(image.shape))
-    arr[...] = image
-    if labels is not None:
-        lab = group.create_array("labels", shape=labels.shape, dtype=labels.dtype,
-                                 chunks=slice_chunks(labels.shape))
-        lab[...] = labels
+    group.attrs.update({"complete": False})
+    try:
+        arr, nonfinite = _write_array(group, "image", image, axes, where, progress, cancel)
+        arr.attrs.update({"spacing": list(spacing), "affine": affine.tolist(),
+                          "modality": str(modality), "axes": axes})
+        if labels is not None:
+            _write_array(group, "labels", labels, "ZYX" if axes == "ZYX" else "YX", where,
+                         cancel=cancel, labels=True)
+    except BaseException:
+        group.attrs.update({"complete": False})
+        raise
+    extra = dict(attrs or {})
+    group.attrs.update({**extra, "modality": str(modality), "spacing": list(spacing),
+                        "nonfinite_voxels": nonfinite, "complete": True})
+    if nonfinite:
+        log.warning("%s: %d NaN/inf voxels (kept; normalisation ignores them)", where, nonfinite)
+    log.info("wrote case %s %s", where, shape)
 
 
 @dataclass
 class Case:
-    """One case of a cohort, read lazily (zarr arrays)."""
+    """One case of a cohort. ``image``/``labels`` are zarr arrays (read slice by slice)."""
 
     case_id: str
-    image: zarr.Array
-    labels: zarr.Array | None
+    image: Any
+    labels: Any
     spacing: tuple[float, ...]
     affine: np.ndarray
     modality: str
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any]
+    source: str
+
+    @property
+    def axes(self) -> str:
+        return str(self.image.attrs.get("axes") or ("ZYX" if len(self.spacing) == 3 else
+                                                    "YXC" if self.image.ndim == 3 else "YX"))
+
+    def as_image(self) -> MedicalImage:
+        """The case as a :class:`MedicalImage` (a lazy dask volume, or numpy for 2D)."""
+        import dask.array as da
+
+        if self.axes == "ZYX":
+            data = da.from_array(self.image, chunks=(1, *self.image.shape[1:]))
+        else:
+            data = np.asarray(self.image[...])
+        return MedicalImage(data, self.spacing, self.affine, self.modality, self.axes, self.source,
+                            {"format": "cohort", "case_id": self.case_id})
 
 
 class Cohort:
-    """A read-only view of a cohort store."""
+    """A read-only view of a cohort store (:func:`open_cohort`).
+
+    Raises:
+        CohortNotFoundError: no such path; CohortError: not a cohort.
+    """
 
     def __init__(self, path: str | Path, mode: str = "r") -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise CohortError(f"{self.path}: no such cohort")
-        try:
-            self.root = zarr.open_group(str(self.path), mode=mode)
-        except Exception as exc:  # zarr raises several types for a non-store
-            raise CohortError(f"{self.path}: not a zarr group ({exc})") from exc
-        if self.root.attrs.get("segmote", {}).get("kind") != "cohort":
-            raise CohortError(f"{self.path}: not a SegMoTE cohort (attrs lack "
-                              f"segmote.kind == 'cohort')")
+        self.root = _cohort_root(self.path, mode=mode)
 
-    def case_ids(self) -> list[str]:
-        return sorted(name for name, _ in self.root.groups())
+    def case_ids(self, include_incomplete: bool = False) -> list[str]:
+        """Sorted ids; cases whose ``complete`` flag is ``false`` are left out unless asked."""
+        ids = []
+        for name, group in self.root.groups():
+            if include_incomplete or dict(group.attrs).get("complete", True) is not False:
+                ids.append(name)
+        return sorted(ids)
+
+    def __contains__(self, case_id: str) -> bool:
+        return case_id in self.case_ids()
 
     def __len__(self) -> int:
         return len(self.case_ids())
 
     def case(self, case_id: str) -> Case:
-        try:
-            group = self.root[case_id]
-            image = group["image"]
-        except KeyError as exc:
-            raise CohortError(f"{self.path}: case {case_id!r} has no image array") from exc
-        except Exception as exc:
-            raise CohortError(f"{self.path}: case {case_id!r} is unreadable ({exc})") from exc
-        attrs = dict(group.attrs)
+        where = f"{self.path}/{case_id}"
+        if case_id not in self.root:
+            raise CohortError(f"{self.path}: no case {case_id!r}")
+        group = self.root[case_id]
+        if "image" not in group:
+            raise CohortError(f"{where}: case has no 'image' array")
+        image = group["image"]
+        gattrs, iattrs = dict(group.attrs), dict(image.attrs)
+        spacing_raw = iattrs.get("spacing", gattrs.get("spacing"))
+        ndim_spatial = 2 if image.ndim == 2 or (image.ndim == 3 and iattrs.get("axes") == "YXC")\
+            else 3
+        if image.ndim == 3 and spacing_raw is not None and len(spacing_raw) == 2:
+            ndim_spatial = 2
+        spacing = tuple(float(s) for s in (spacing_raw or (1.0,) * ndim_spatial))
+        affine = iattrs.get("affine", gattrs.get("affine"))
+        affine = spacing_affine(spacing) if affine is None else np.asarray(affine, float)
+        modality = str(iattrs.get("modality") or gattrs.get("modality") or "auto")
         labels = group["labels"] if "labels" in group else None
-        return Case(
-            case_id=case_id, image=image, labels=labels,
-            spacing=tuple(attrs.get("spacing", ())), affine=np.asarray(attrs.get("affine", np.eye(4))),
-            modality=str(attrs.get("modality", "auto")), attrs=attrs,
-        )
+        return Case(case_id, image, labels, spacing, affine, modality, gattrs, where)
+
+    def __iter__(self):
+        return (self.case(c) for c in self.case_ids())
 
 
 def open_cohort(path: str | Path) -> Cohort:
-    """Open a cohort read-only; raises :class:`CohortError` naming the path if it is not one."""
+    """Open a cohort read-only. Raises :class:`CohortNotFoundError` (also a
+    ``FileNotFoundError``) or :class:`CohortError`, naming the path."""
     return Cohort(path, mode="r")

@@ -19,7 +19,8 @@ import numpy as np
 
 __all__ = [
     "MedicalImage", "ImageReadError", "ImageTypeError", "nifti_to_zyx_affine",
-    "zyx_to_nifti_affine", "spacing_affine", "check_image_dtype", "check_finite",
+    "zyx_to_nifti_affine", "spacing_affine", "check_image_dtype", "check_finite", "array_of",
+    "SqueezedView", "unit_to_mm",
 ]
 
 _PERMUTE = [2, 1, 0, 3]  # (i, j, k, 1) <-> (z, y, x, 1): reversing the three voxel axes
@@ -129,3 +130,44 @@ class MedicalImage:
     def __repr__(self) -> str:
         return (f"MedicalImage({self.source!r}, shape={self.shape}, axes={self.axes!r}, "
                 f"modality={self.modality!r}, spacing={tuple(round(s, 4) for s in self.spacing)})")
+
+
+def array_of(volume: Any) -> Any:
+    """The pixel array of a :class:`MedicalImage`, or ``volume`` itself when it is an array
+    (numpy's own ``.data`` is a memoryview, so ``getattr(x, "data", x)`` would be wrong)."""
+    return volume.data if isinstance(volume, MedicalImage) else volume
+
+
+class SqueezedView:
+    """An indexable array (zarr, nibabel proxy) with some singleton axes fixed to 0.
+
+    ``index`` has one entry per axis of ``arr``: ``slice(None)`` keeps the axis, ``0`` drops it.
+    Indexing reads only the requested part of ``arr``.
+    """
+
+    def __init__(self, arr: Any, index: tuple, dtype: Any = None) -> None:
+        self.arr, self.index = arr, tuple(index)
+        self.shape = tuple(int(s) for s, i in zip(arr.shape, self.index) if isinstance(i, slice))
+        self.dtype = np.dtype(dtype if dtype is not None else arr.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if key == (Ellipsis,):
+            key = ()
+        rest = list(key) + [slice(None)] * (self.ndim - len(key))
+        full = tuple(rest.pop(0) if isinstance(i, slice) else i for i in self.index)
+        return np.asarray(self.arr[full])
+
+
+_UNIT_MM = {"mm": 1.0, "millimeter": 1.0, "millimetre": 1.0, "cm": 10.0, "centimeter": 10.0,
+            "m": 1000.0, "meter": 1000.0, "um": 1e-3, "\u00b5m": 1e-3, "\u03bcm": 1e-3,
+            "micron": 1e-3, "micrometer": 1e-3, "nm": 1e-6, "nanometer": 1e-6}
+
+
+def unit_to_mm(unit: str | None, default: float = 1.0) -> float:
+    """Millimetres per ``unit`` (``"mm"``, ``"µm"``, ``"micrometer"``, ``"cm"``...); ``default``
+    for a missing or unknown unit (e.g. ImageJ's ``"pixel"``)."""
+    if not unit:
+        return default
+    return _UNIT_MM.get(str(unit).strip().lower(), default)

@@ -1,0 +1,340 @@
+"""``segmote ingest``: a folder or list file of images (optionally with ground-truth labels) into a
+cohort zarr (SPEC 2.1), one group per case.
+
+- Idempotent: a case already in the cohort, complete, from the same source files (path, size and
+  modification time) is skipped; an interrupted case (``complete`` false) is rewritten.
+- A broken input (corrupt, truncated, empty, 4D, NaN-filled, wrong dtype, labels not matching the
+  image) is recorded by name with its problem in the report and the other cases still complete.
+- Labels are paired by case id: ``<labels_dir>/<name>`` with the image's own file name, or
+  ``<case>_seg|_label|_labels|_mask|_gt`` with any supported suffix (also beside the images, where
+  such files are taken as labels, not as images). nnU-Net's channel suffix ``_0000`` is dropped
+  from the case id. A list file holds one case per line: ``image[,labels[,case_id[,modality]]]``
+  (comma or tab separated, csv quoting, ``#`` comments, paths relative to the list file), or
+  any column order under a header line naming them (see :func:`_read_list` for the synonyms).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..progress import CancelToken, Cancelled, ProgressCallback, report
+from .cohort import create_cohort, open_cohort, write_case
+from .image import ImageReadError
+from .readers import IMAGE_SUFFIXES, image_format, open_image
+
+__all__ = ["IngestItem", "IngestRecord", "IngestReport", "collect_inputs", "ingest",
+           "case_id_from_path", "report_path"]
+
+log = logging.getLogger(__name__)
+
+_LABEL_TAGS = ("_seg", "_label", "_labels", "_mask", "_gt")
+_SUFFIXES = sorted(IMAGE_SUFFIXES + (".ome.tif", ".ome.tiff"), key=len, reverse=True)
+REPORT_SUFFIX = ".ingest_report.csv"   # beside the cohort: cohort.zarr.ingest_report.csv
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    image: Path
+    labels: Path | None
+    case_id: str
+    modality: str | None = None
+
+
+@dataclass
+class IngestRecord:
+    case_id: str
+    image: str
+    labels: str
+    status: str          # "ingested" | "skipped" | "failed"
+    error: str = ""
+    seconds: float = 0.0
+    shape: str = ""
+
+
+@dataclass
+class IngestReport:
+    cohort: str
+    records: list[IngestRecord] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[IngestRecord]:
+        return [r for r in self.records if r.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def counts(self) -> dict[str, int]:
+        out = {"ingested": 0, "skipped": 0, "failed": 0}
+        for r in self.records:
+            out[r.status] += 1
+        return out
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(IngestRecord.__dataclass_fields__))
+        writer.writeheader()
+        for r in self.records:
+            writer.writerow(asdict(r))
+        return buf.getvalue()
+
+
+def _strip_suffix(name: str) -> str:
+    low = name.lower()
+    for suf in _SUFFIXES:
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+def case_id_from_path(path: str | Path) -> str:
+    """A case id from a file name: suffixes and nnU-Net's ``_0000`` dropped, odd characters -> _."""
+    stem = re.sub(r"_0000$", "", _strip_suffix(Path(path).name))
+    cid = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-")
+    return cid[:128] or "case"
+
+
+def _is_label_name(name: str) -> bool:
+    return _strip_suffix(name).lower().endswith(_LABEL_TAGS)
+
+
+def _find_labels(image: Path, case_id: str, folders: Sequence[Path]) -> Path | None:
+    for folder in folders:
+        same = folder / image.name
+        if same != image and same.exists():
+            return same
+        for tag in _LABEL_TAGS:
+            for stem in {case_id, _strip_suffix(image.name)}:
+                for suf in IMAGE_SUFFIXES:
+                    cand = folder / f"{stem}{tag}{suf}"
+                    if cand.exists():
+                        return cand
+    return None
+
+
+# list-file header names -> column; a first line made only of such names is a header
+_LIST_COLUMNS = {"image": "image", "images": "image", "img": "image", "path": "image",
+                 "file": "image", "labels": "labels", "label": "labels", "mask": "labels",
+                 "masks": "labels", "seg": "labels", "segmentation": "labels", "gt": "labels",
+                 "case_id": "case_id", "case": "case_id", "id": "case_id",
+                 "modality": "modality"}
+
+
+def _read_list(path: Path) -> list[IngestItem]:
+    """Rows ``image[,labels[,case_id[,modality]]]`` (comma or tab, csv quoting), or any order
+    under a header naming the columns (``image``/``path``, ``label(s)``/``mask``/``seg``,
+    ``case_id``/``case``, ``modality``). Raises ValueError naming the file and line."""
+    lines = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1)
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"{path}: the list file names no images")
+    delim = "\t" if "\t" in lines[0][1] else ","
+    rows = [(n, [c.strip() for c in cells])
+            for n, cells in zip((n for n, _ in lines), csv.reader((ln for _, ln in lines),
+                                                                   delimiter=delim))]
+    cols = ["image", "labels", "case_id", "modality"]
+    names = [c.lower() for c in rows[0][1]]
+    if any(c in _LIST_COLUMNS for c in names):
+        unknown = [c for c in names if c and c not in _LIST_COLUMNS]
+        if unknown:
+            raise ValueError(f"{path}: line {rows[0][0]}: unknown column(s) {unknown} in the "
+                             f"header; use image, labels, case_id, modality")
+        cols = [_LIST_COLUMNS.get(c, "") for c in names]
+        if "image" not in cols:
+            raise ValueError(f"{path}: line {rows[0][0]}: the header has no image column")
+        rows = rows[1:]
+    items = []
+    for n, cells in rows:
+        row = dict(zip(cols, cells))
+        if len(cells) > len(cols) and any(cells[len(cols):]):
+            raise ValueError(f"{path}: line {n}: {len(cells)} columns, expected at most "
+                             f"{len(cols)} ({', '.join(cols)})")
+        if not row.get("image"):
+            raise ValueError(f"{path}: line {n}: no image path")
+        image = (path.parent / row["image"]).resolve()
+        labels = (path.parent / row["labels"]).resolve() if row.get("labels") else None
+        items.append(IngestItem(image, labels, row.get("case_id") or case_id_from_path(image),
+                                row.get("modality") or None))
+    return items
+
+
+def collect_inputs(source: str | Path | Sequence[str | Path],
+                   labels: str | Path | None = None) -> list[IngestItem]:
+    """The cases to ingest from a folder, a list file, or a sequence of image paths."""
+    label_dirs = [Path(labels)] if labels is not None else []
+    if isinstance(source, (str, os.PathLike)):
+        src = Path(source)
+        if not src.exists():
+            raise FileNotFoundError(f"{src}: no such folder or list file")
+        if src.is_file() and image_format(src) is None:
+            return _read_list(src)
+        if src.is_dir() and image_format(src) != "zarr":
+            paths = sorted(p for p in src.iterdir() if not p.name.startswith(".")
+                           and image_format(p) is not None and not _is_label_name(p.name))
+            label_dirs.append(src)
+        else:
+            paths = [src]
+    else:
+        paths = [Path(p) for p in source]
+    items = []
+    for p in paths:
+        cid = case_id_from_path(p)
+        items.append(IngestItem(p, _find_labels(p, cid, label_dirs), cid))
+    if not items:
+        raise ValueError(f"{source}: no images found (supported: {', '.join(IMAGE_SUFFIXES)})")
+    return items
+
+
+def _signature(item: IngestItem) -> list[Any]:
+    sig: list[Any] = []
+    for p in (item.image, item.labels):
+        if p is None:
+            sig.append(None)
+            continue
+        st = p.stat()
+        sig.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return sig
+
+
+def _label_data(path: Path, image_shape: tuple[int, ...]) -> Any:
+    lab = open_image(path, modality="labels")
+    data = lab.data
+    if lab.axes == "YXC":  # an RGB mask: grey only if its channels agree
+        arr = np.asarray(data)
+        if not (arr == arr[..., :1]).all():
+            raise ImageReadError(path, "labels are an RGB image with differing channels; "
+                                       "expected one integer id per pixel")
+        data = arr[..., 0]
+    if tuple(data.shape) != tuple(image_shape):
+        raise ImageReadError(path, f"labels shape {tuple(data.shape)} differs from the image "
+                                   f"shape {tuple(image_shape)}")
+    if np.dtype(data.dtype).kind == "f":
+        data = data.map_blocks(_integral, path=str(path), dtype=np.uint16) if hasattr(
+            data, "map_blocks") else _integral(np.asarray(data), str(path))
+    if lab.meta.get("format") == "pil" and np.dtype(data.dtype) == np.uint8:
+        arr = np.asarray(data)
+        if set(np.unique(arr).tolist()) <= {0, 255}:  # a 0/255 binary mask (ISIC style) -> 0/1
+            data = (arr > 0).astype(np.uint8)
+    return data
+
+
+def _integral(block: np.ndarray, path: str) -> np.ndarray:
+    if not np.isfinite(block).all() or (block != np.round(block)).any() or block.min(initial=0) < 0:
+        raise ImageReadError(path, "labels hold non-integer, negative or NaN values")
+    if block.max(initial=0) > 65535:
+        raise ImageReadError(path, "label ids above 65535")
+    return block.astype(np.uint16)
+
+
+def _ingest_one(item: IngestItem, cohort: Path, modality: str | None, attrs: dict[str, Any],
+                cancel: CancelToken | None) -> str:
+    img = open_image(item.image, modality=item.modality or modality)
+    spatial = img.shape[:2] if img.axes == "YXC" else img.shape
+    labels = _label_data(item.labels, spatial) if item.labels is not None else None
+    extra = {**attrs, "source": str(item.image), "labels_source": str(item.labels or ""),
+             "source_signature": _signature(item), "source_format": img.meta.get("format"),
+             "orientation": img.meta.get("orientation")}
+    write_case(cohort, item.case_id, img.data, spacing=img.spacing, affine=img.affine,
+               modality=img.modality, labels=labels, attrs=extra, axes=img.axes, cancel=cancel)
+    return "x".join(str(s) for s in img.shape)
+
+
+def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
+           labels: str | Path | None = None, modality: str | None = None,
+           attrs: dict[str, Any] | None = None, force: bool = False,
+           progress: ProgressCallback | None = None,
+           cancel: CancelToken | None = None) -> IngestReport:
+    """Ingest images into the cohort at ``cohort`` (created if absent); never raises for a bad case.
+
+    Args:
+        source: a folder, a list file, or a sequence of image paths.
+        labels: a folder of ground-truth label files paired by case id.
+        modality: for every case (default: guessed per file, or the list file's column).
+        attrs: extra case attributes (``dataset``, ``categories``, ...).
+        force: rewrite cases that are already complete.
+        progress: ``progress(done_cases, total_cases)``.
+    Returns:
+        The report, also written beside the cohort (``<cohort>.ingest_report.csv``; zarr
+        would flag a foreign file inside the store) and summarised in the cohort's attrs.
+    Raises:
+        Cancelled: once ``cancel`` is set (the case in progress stays incomplete; rerun resumes).
+    """
+    cohort = Path(cohort)
+    out = cohort.resolve()
+    items = [it for it in collect_inputs(source, labels) if it.image.resolve() != out]
+    create_cohort(cohort)           # after the inputs parsed: a bad list file creates nothing
+    report_ = IngestReport(str(cohort))
+    existing = open_cohort(cohort)
+    done_ids = set(existing.case_ids())
+    seen: dict[str, Path] = {}
+    for i, item in enumerate(items):
+        t0 = time.perf_counter()
+        rec = IngestRecord(item.case_id, str(item.image), str(item.labels or ""), "ingested")
+        try:
+            if item.case_id in seen:
+                raise ImageReadError(item.image, f"case id {item.case_id!r} already used by "
+                                                 f"{seen[item.case_id]}")
+            seen[item.case_id] = item.image
+            if (not force and item.case_id in done_ids and
+                    existing.case(item.case_id).attrs.get("source_signature") ==
+                    _jsonable(_signature(item))):
+                rec.status = "skipped"
+            else:
+                rec.shape = _ingest_one(item, cohort, modality, attrs or {}, cancel)
+        except Cancelled:
+            raise
+        except (ImageReadError, ValueError, TypeError, OSError) as exc:
+            rec.status, rec.error = "failed", str(exc)
+            log.error("ingest %s failed: %s", item.image, exc)
+            _drop_incomplete(cohort, item.case_id)
+        rec.seconds = round(time.perf_counter() - t0, 3)
+        report_.records.append(rec)
+        report(progress, i + 1, len(items), cancel)
+    _write_report(cohort, report_)
+    c = report_.counts()
+    log.info("ingest into %s: %d ingested, %d skipped, %d failed", cohort, c["ingested"],
+             c["skipped"], c["failed"])
+    return report_
+
+
+def _drop_incomplete(cohort: Path, case_id: str) -> None:
+    """Remove a case group that a failed write left incomplete (it holds no usable data)."""
+    import zarr
+
+    root = zarr.open_group(str(cohort), mode="r+")
+    if case_id in root and dict(root[case_id].attrs).get("complete") is False:
+        del root[case_id]
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def report_path(cohort: str | Path) -> Path:
+    """Where :func:`ingest` writes its CSV report for ``cohort``."""
+    cohort = Path(cohort)
+    return cohort.with_name(cohort.name + REPORT_SUFFIX)
+
+
+def _write_report(cohort: Path, rep: IngestReport) -> None:
+    import zarr
+
+    out = report_path(cohort)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(rep.to_csv())
+    os.replace(tmp, out)
+    root = zarr.open_group(str(cohort), mode="r+")
+    root.attrs["last_ingest"] = {**rep.counts(), "report": out.name,
+                                 "failed": {r.case_id: r.error for r in rep.failed}}

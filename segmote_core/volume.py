@@ -1,0 +1,321 @@
+"""3D segmentation: prompt propagation through a volume, and slice-wise PPT auto-segmentation.
+
+Propagation (micro-sam / MedSAM style): the user prompts one or more slices; the mask found on
+slice ``z`` gives the prompt of slices ``z + 1`` and ``z - 1`` (its bounding box widened by
+``box_margin`` pixels, and a positive point at its innermost pixel), and so on outwards.
+
+Stopping rule, checked on each propagated slice's mask against the previous slice's mask; the
+slice that fails is left empty and that direction ends:
+
+1. ``"empty"``: the mask has fewer than ``min_area`` pixels (the object has ended);
+2. ``"no_overlap"``: under ``min_overlap`` of the smaller of the two masks is shared (the
+   prediction jumped to another structure: adjacent slices of one object overlap);
+3. ``"leak"``: the mask is more than ``max_area_ratio`` times the previous one's area;
+4. ``"low_score"``: the predicted quality score is below ``min_score``;
+5. ``"edge"`` / ``"max_slices"``: the volume (or the allowed distance) ends;
+6. ``"met"``: the next slice belongs to another prompted slice: with several prompted slices each
+   slice between two of them is propagated from the nearer one (ties go to the lower slice); a
+   prompted slice whose own mask is empty claims no part of a gap (its neighbours propagate up
+   to it), and no prompted slice is ever segmented again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from scipy import ndimage
+
+from .io.image import array_of
+from .progress import CancelToken, ProgressCallback, report
+
+__all__ = ["SlicePrompt", "SliceResult", "SliceSegmenter", "PredictorSegmenter",
+           "PropagationConfig", "PropagationResult", "StopEvent", "prompt_from_mask",
+           "propagate", "VolumeResult", "segment_volume_auto"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlicePrompt:
+    """Prompts of one slice, in its pixels: ``box`` (4,) XYXY; ``points`` (P, 2) XY with
+    ``labels`` (P,) 1 = foreground, 0 = background; ``mask_input`` (1, h4, w4) low-res logits."""
+
+    box: np.ndarray | None = None
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.box is None and self.points is None and self.mask_input is None:
+            raise ValueError("a slice prompt needs a box, points or a mask input")
+        if self.points is not None and (self.labels is None or
+                                        len(np.asarray(self.points).reshape(-1, 2)) !=
+                                        len(np.asarray(self.labels).reshape(-1))):
+            raise ValueError("points need one label each")
+
+
+@dataclass
+class SliceResult:
+    """One slice's prediction: ``mask`` (Y, X) bool, ``score`` (quality), optional logits."""
+
+    mask: np.ndarray
+    score: float = 1.0
+    low_res_logits: np.ndarray | None = None
+
+
+class SliceSegmenter(Protocol):
+    """What :func:`propagate` needs: the volume's size and a 2D prompt -> mask step."""
+
+    n_slices: int
+    shape: tuple[int, int]
+
+    def segment(self, z: int, prompt: SlicePrompt) -> SliceResult: ...
+
+
+class PredictorSegmenter:
+    """:class:`SliceSegmenter` over a :class:`~segmote_core.predictor.SegMoTEPredictor`.
+
+    Args:
+        predictor: its current image is replaced slice by slice.
+        volume: ``(Z, Y, X)`` array-like (numpy, dask, zarr) or a ``MedicalImage``.
+        cache: an :class:`~segmote_core.cache.EmbeddingCache` (or anything with ``get``/``put``):
+            embeddings found there skip the encoder, new ones are stored.
+    Raises:
+        CacheMismatchError: ``cache`` is signed for another model, modality or window.
+    """
+
+    def __init__(self, predictor: Any, volume: Any, modality: str = "auto", window: Any = None,
+                 cache: Any = None) -> None:
+        self.predictor, self.modality, self.window, self.cache = predictor, modality, window, cache
+        self.data = array_of(volume)
+        if len(self.data.shape) != 3:
+            raise ValueError(f"expected a (Z, Y, X) volume, got shape {tuple(self.data.shape)}")
+        self.n_slices = int(self.data.shape[0])
+        self.shape = (int(self.data.shape[1]), int(self.data.shape[2]))
+        self._current: int | None = None
+        if cache is not None and hasattr(cache, "check_compatible"):
+            # never fill a signed cache with embeddings of another model or normalisation
+            cache.check_compatible(predictor, modality, window)
+
+    def _set_slice(self, z: int) -> None:
+        if self._current == z:
+            return
+        emb = self.cache.get(z) if self.cache is not None else None
+        if emb is not None:
+            self.predictor.set_embedding(emb)
+        else:
+            self.predictor.set_image(np.asarray(self.data[z]), modality=self.modality,
+                                     window=self.window)
+            if self.cache is not None:
+                self.cache.put(z, self.predictor.get_embedding())
+        self._current = z
+
+    def segment(self, z: int, prompt: SlicePrompt) -> SliceResult:
+        self._set_slice(int(z))
+        pred = self.predictor.predict(point_coords=prompt.points, point_labels=prompt.labels,
+                                      box=prompt.box, mask_input=prompt.mask_input)
+        return SliceResult(pred.masks[0].astype(bool), float(pred.scores[0]),
+                           pred.low_res_logits[:1])
+
+
+def prompt_from_mask(mask: np.ndarray, box_margin: int = 2, use_points: bool = True,
+                     logits: np.ndarray | None = None) -> SlicePrompt | None:
+    """The prompt a (Y, X) mask gives its neighbour slices: bounding box widened by
+    ``box_margin`` px (clipped to the image) and a positive point at the pixel farthest from the
+    mask's border; ``logits`` (1, h4, w4) are passed on as the mask input. ``None`` if empty."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    box = np.array([max(xs.min() - box_margin, 0), max(ys.min() - box_margin, 0),
+                    min(xs.max() + box_margin, w - 1), min(ys.max() + box_margin, h - 1)],
+                   dtype=np.float32)
+    points = labels = None
+    if use_points:
+        dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(dist)), mask.shape)
+        points, labels = np.array([[x, y]], dtype=np.float32), np.array([1], dtype=np.int64)
+    return SlicePrompt(box=box, points=points, labels=labels, mask_input=logits)
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """Knobs of the prompt derivation and the stopping rule (module docstring)."""
+
+    box_margin: int = 2
+    use_points: bool = True
+    use_mask_input: bool = False
+    min_area: int = 10
+    min_overlap: float = 0.2
+    max_area_ratio: float | None = 4.0
+    min_score: float | None = None
+    max_slices: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.box_margin < 0 or self.min_area < 1 or not 0.0 <= self.min_overlap <= 1.0:
+            raise ValueError(f"invalid propagation config {self}")
+
+
+@dataclass(frozen=True)
+class StopEvent:
+    """Where a propagation direction ended: it started at ``start``, moved by ``step`` (+1 / -1),
+    and stopped before segmenting (or rejecting) slice ``z``, for ``reason``."""
+
+    start: int
+    step: int
+    z: int
+    reason: str
+
+
+@dataclass
+class PropagationResult:
+    mask: np.ndarray                  # (Z, Y, X) bool
+    scores: np.ndarray                # (Z,) float32, NaN where not segmented
+    source: np.ndarray                # (Z,) int32: the prompted slice each came from, -1 none
+    prompts: dict[int, SlicePrompt] = field(default_factory=dict)   # prompt used per slice
+    stops: list[StopEvent] = field(default_factory=list)
+
+    @property
+    def slices(self) -> list[int]:
+        """Slices with a (non-empty) mask, sorted."""
+        return [int(z) for z in np.flatnonzero(self.mask.reshape(len(self.mask), -1).any(1))]
+
+
+def _stop_reason(mask: np.ndarray, prev: np.ndarray, score: float,
+                 cfg: PropagationConfig) -> str | None:
+    area, prev_area = int(mask.sum()), int(prev.sum())
+    if area < cfg.min_area:
+        return "empty"
+    shared = int(np.logical_and(mask, prev).sum())
+    if shared < cfg.min_overlap * min(area, prev_area):
+        return "no_overlap"
+    if cfg.max_area_ratio is not None and area > cfg.max_area_ratio * prev_area:
+        return "leak"
+    if cfg.min_score is not None and score < cfg.min_score:
+        return "low_score"
+    return None
+
+
+def propagate(segmenter: SliceSegmenter, prompts: dict[int, SlicePrompt],
+              config: PropagationConfig | None = None, progress: ProgressCallback | None = None,
+              cancel: CancelToken | None = None) -> PropagationResult:
+    """Segment the prompted slices, then propagate each outwards (module docstring).
+
+    Args:
+        segmenter: e.g. :class:`PredictorSegmenter`.
+        prompts: slice index -> :class:`SlicePrompt` given by the user.
+        progress: ``progress(done, total)`` over the slices of the volume.
+    Returns:
+        :class:`PropagationResult` with the ``(Z, Y, X)`` mask.
+    """
+    cfg = config or PropagationConfig()
+    n, (h, w) = segmenter.n_slices, segmenter.shape
+    if not prompts:
+        raise ValueError("propagation needs at least one prompted slice")
+    bad = [z for z in prompts if not 0 <= int(z) < n]
+    if bad:
+        raise ValueError(f"prompted slices {bad} outside the volume's 0..{n - 1}")
+    res = PropagationResult(np.zeros((n, h, w), bool), np.full(n, np.nan, np.float32),
+                            np.full(n, -1, np.int32))
+    starts = sorted(int(z) for z in prompts)
+    seeds: dict[int, SliceResult] = {}
+    done = 0
+    for z in starts:
+        out = segmenter.segment(z, prompts[z])
+        res.prompts[z] = prompts[z]
+        seeds[z] = out
+        if out.mask.any():
+            res.mask[z], res.scores[z], res.source[z] = out.mask, out.score, z
+        done += 1
+        report(progress, done, n, cancel)
+    # seeds whose own mask is empty propagate nothing, so they do not claim half of a gap
+    live = [z for z in starts if int(seeds[z].mask.sum()) >= cfg.min_area]
+    for z0 in starts:
+        below = [z for z in live if z < z0]
+        above = [z for z in live if z > z0]
+        lo = 0 if not below else (below[-1] + z0) // 2 + 1     # lower half of the gap is z0's
+        hi = n - 1 if not above else (z0 + above[0]) // 2
+        lo = max([lo] + [z + 1 for z in starts if z < z0])      # never past a prompted slice
+        hi = min([hi] + [z - 1 for z in starts if z > z0])
+        for step, limit in ((-1, lo), (1, hi)):
+            prev = seeds[z0]
+            if int(prev.mask.sum()) < cfg.min_area:
+                res.stops.append(StopEvent(z0, step, z0, "empty"))
+                continue
+            z = z0
+            while True:
+                nz = z + step
+                if nz < 0 or nz >= n:
+                    res.stops.append(StopEvent(z0, step, nz, "edge"))
+                    break
+                if (nz < limit if step < 0 else nz > limit):
+                    res.stops.append(StopEvent(z0, step, nz, "met"))
+                    break
+                if cfg.max_slices is not None and abs(nz - z0) > cfg.max_slices:
+                    res.stops.append(StopEvent(z0, step, nz, "max_slices"))
+                    break
+                prompt = prompt_from_mask(prev.mask, cfg.box_margin, cfg.use_points,
+                                          prev.low_res_logits if cfg.use_mask_input else None)
+                out = segmenter.segment(nz, prompt)
+                reason = _stop_reason(np.asarray(out.mask, bool), prev.mask, out.score, cfg)
+                res.prompts[nz] = prompt
+                if reason is not None:
+                    res.stops.append(StopEvent(z0, step, nz, reason))
+                    break
+                res.mask[nz], res.scores[nz], res.source[nz] = out.mask, out.score, z0
+                prev, z = out, nz
+                done += 1
+                report(progress, min(done, n), n, cancel)
+    log.info("propagated from slices %s: %d slice(s) segmented; stops %s", starts,
+             len(res.slices), [(s.start, s.step, s.z, s.reason) for s in res.stops])
+    report(progress, n, n, cancel)
+    return res
+
+
+@dataclass
+class VolumeResult:
+    labels: Any               # (Z, Y, X) uint8 (numpy, or the ``out`` array given)
+    confidence: np.ndarray    # (Z,) float32 router confidence (NaN: none)
+    expert: np.ndarray        # (Z,) int16 selected expert (-1: none)
+    score: np.ndarray         # (Z,) float32 mask quality
+
+
+def segment_volume_auto(model: Any, volume: Any, modality: str = "auto", *, window: Any = None,
+                        chunk: int = 8, out: Any = None, precision: str = "auto",
+                        progress: ProgressCallback | None = None,
+                        cancel: CancelToken | None = None) -> VolumeResult:
+    """PPT (prompt-free) segmentation of every slice, reading ``chunk`` slices at a time.
+
+    Args:
+        model: a :class:`~segmote_core.modeling.SegMoTE` with PPT.
+        volume: ``(Z, Y, X)`` array-like (numpy, dask, zarr) or a ``MedicalImage``.
+        out: optional ``(Z, Y, X)`` array to write into (e.g. a zarr array: memory stays
+            ``chunk`` slices); default a new uint8 numpy array.
+    """
+    from .inference import segment_batch
+
+    data = array_of(volume)
+    if len(data.shape) != 3:
+        raise ValueError(f"expected a (Z, Y, X) volume, got shape {tuple(data.shape)}")
+    n = int(data.shape[0])
+    if out is None:
+        out = np.zeros(tuple(int(s) for s in data.shape), np.uint8)
+    elif tuple(out.shape) != tuple(data.shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the volume {tuple(data.shape)}")
+    conf = np.full(n, np.nan, np.float32)
+    expert = np.full(n, -1, np.int16)
+    score = np.full(n, np.nan, np.float32)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        slices = np.stack([np.asarray(data[z]) for z in range(start, stop)])
+        res = segment_batch(model, slices, modality=modality, window=window, chunk=chunk,
+                            precision=precision)
+        out[start:stop] = res.masks.astype(np.uint8)
+        conf[start:stop], expert[start:stop], score[start:stop] = res.confidence, res.expert, \
+            res.score
+        report(progress, stop, n, cancel)
+    return VolumeResult(out, conf, expert, score)
