@@ -129,9 +129,15 @@ def _validated(img: MedicalImage, path: Path) -> MedicalImage:
                 raise ImageReadError(path, f"cannot read slice {z} of {shape[0]}: the file is "
                                            f"truncated or corrupt ({type(exc).__name__}: {exc})"
                                      ) from exc
-        if all(s.dtype.kind == "f" and not np.isfinite(s).any() for s in samples.values()):
-            raise ImageReadError(path, f"all values of slices {zs} are NaN or infinite")
         sample = samples[zs[len(zs) // 2]]
+        if all(s.dtype.kind == "f" and not np.isfinite(s).any() for s in samples.values()):
+            # the sampled slices hold nothing: look (one slice at a time) for any finite slice
+            finite = next((z for z in range(shape[0]) if z not in samples
+                           and np.isfinite(np.asarray(img.data[z])).any()), None)
+            if finite is None:
+                raise ImageReadError(path, f"all values of all {shape[0]} slices are NaN or "
+                                           "infinite")
+            sample = np.asarray(img.data[finite])
     else:
         sample = np.asarray(img.data)
         check_finite(sample, path)

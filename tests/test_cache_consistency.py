@@ -1,0 +1,43 @@
+"""A signed embedding cache is never filled with embeddings of another model or normalisation."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from segmote_core import SegMoTEPredictor
+from segmote_core.cache import CacheMismatchError, EmbeddingCache
+from segmote_core.volume import PredictorSegmenter, SlicePrompt, propagate
+
+from conftest_medical import EncoderCalls, ct_volume, predictor, tiny_model  # noqa: F401
+
+
+def test_compute_and_propagate_refuse_a_different_normalisation_or_model(tmp_path, tiny_model,
+                                                                          predictor):
+    vol, _ = ct_volume((3, 20, 24))
+    cache = EmbeddingCache.for_volume(tmp_path / "e.zarr", predictor, vol, modality="CT")
+    calls = EncoderCalls(tiny_model)
+    try:
+        with pytest.raises(CacheMismatchError, match=r"e\.zarr.*modality \(cache 'CT', now 'MR'\)"):
+            cache.compute_volume(vol, predictor, "MR")
+        with pytest.raises(CacheMismatchError, match="window"):
+            cache.compute_volume(vol, predictor, "CT", window="lung")
+        with pytest.raises(CacheMismatchError, match="3 slice"):
+            cache.compute_volume(vol[:2], predictor, "CT")
+        other = copy.deepcopy(tiny_model)
+        with torch.no_grad():
+            next(other.sam.mask_decoder.parameters()).add_(1e-3)
+        with pytest.raises(CacheMismatchError, match="weights_sha256"):
+            cache.compute_volume(vol, SegMoTEPredictor(other, precision="fp32"), "CT")
+        with pytest.raises(CacheMismatchError, match="modality"):
+            PredictorSegmenter(predictor, vol, "MR", cache=cache)
+        assert calls.images == 0 and cache.done_slices() == []      # nothing computed or stored
+        assert cache.compute_volume(vol, predictor, "CT") == 3 and calls.images == 3
+        res = propagate(PredictorSegmenter(predictor, vol, "CT", cache=cache),
+                        {1: SlicePrompt(box=np.array([4, 4, 18, 15], np.float32))})
+        assert calls.images == 3 and res.mask.shape == vol.shape    # all from the cache
+    finally:
+        calls.close()
