@@ -1,0 +1,48 @@
+"""Which model the widget uses: the bundled demo, or SAM + SegMoTE checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from segmote_core.build import load_demo_model, load_model
+from segmote_core.modeling import SegMoTE
+
+__all__ = ["DEMO", "CHECKPOINT", "MODEL_SOURCES", "load_choice"]
+
+log = logging.getLogger(__name__)
+
+DEMO = "bundled demo"
+CHECKPOINT = "checkpoint files"
+MODEL_SOURCES = (DEMO, CHECKPOINT)
+
+
+def load_choice(source: str, sam_checkpoint: str | Path | None = None,
+                segmote_checkpoint: str | Path | None = None, model_type: str = "vit_b",
+                device: str = "cpu") -> SegMoTE:
+    """Load the model a user picked.
+
+    Args:
+        source: :data:`DEMO` or :data:`CHECKPOINT`.
+        sam_checkpoint: official SAM ``.pth`` (base weights).
+        segmote_checkpoint: SegMoTE ``.safetensors`` (added weights + config).
+        model_type: SAM size when only ``sam_checkpoint`` is given.
+    Raises:
+        ValueError: unknown source, or checkpoint source without any file.
+        FileNotFoundError / CheckpointError: from the core loaders.
+    """
+    if source == DEMO:
+        return load_demo_model(device=device)
+    if source != CHECKPOINT:
+        raise ValueError(f"unknown model source {source!r}; choose from {MODEL_SOURCES}")
+    sam = Path(sam_checkpoint) if sam_checkpoint else None
+    seg = Path(segmote_checkpoint) if segmote_checkpoint else None
+    for p in (sam, seg):
+        if p is not None and not p.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {p}")
+    if sam is None and seg is None:
+        raise ValueError("choose a SAM checkpoint (.pth) and/or SegMoTE weights (.safetensors)")
+    log.info("loading model: sam=%s segmote=%s type=%s", sam, seg, model_type)
+    return load_model(segmote_checkpoint=seg, sam_checkpoint=sam, model_type=model_type,
+                      device=device)
+

@@ -1,0 +1,112 @@
+"""npe2 reader: NIfTI images and SegMoTE cohort cases (zarr, SPEC 2.1) into napari layers.
+
+Layers carry ``metadata["segmote"]`` = modality, spacing, affine and source, so the writer can
+save labels with the source affine and the widget can pick the modality. Volumes stay lazy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from segmote_core.io import open_cohort
+from segmote_core.io.readers import open_image
+
+__all__ = ["napari_get_reader", "read_nifti", "read_cohort", "image_layer_data"]
+
+log = logging.getLogger(__name__)
+
+LayerData = tuple[Any, dict, str]
+#: display window of CT images (soft tissue, HU).
+CT_CONTRAST = (-160.0, 240.0)
+
+
+def _zarr_kind(path: Path) -> str | None:
+    """``"cohort"``, ``"case"`` or ``None`` from the zarr v3 metadata, without opening arrays."""
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+    if attrs.get("segmote", {}).get("kind") == "cohort":
+        return "cohort"
+    if (path / "image").is_dir() and _zarr_kind(path.parent) == "cohort":
+        return "case"
+    return None
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """Return a reader for ``.nii``/``.nii.gz`` files and cohort zarr roots or cases."""
+    paths = path if isinstance(path, list) else [path]
+    if not paths:
+        return None
+    for p in paths:
+        p = Path(str(p))
+        if p.name.endswith((".nii", ".nii.gz")):
+            continue
+        if p.is_dir() and _zarr_kind(p) is not None:
+            continue
+        return None
+    return read_paths
+
+
+def read_paths(path: str | list[str]) -> list[LayerData]:
+    paths = path if isinstance(path, list) else [path]
+    layers: list[LayerData] = []
+    for p in paths:
+        p = Path(str(p))
+        layers.extend(read_nifti(p) if p.name.endswith((".nii", ".nii.gz")) else read_cohort(p))
+    return layers
+
+
+def _meta(modality: str, spacing: Any, affine: Any, source: str, **extra: Any) -> dict:
+    return {"segmote": {"modality": str(modality), "spacing": [float(s) for s in spacing],
+                        "affine": np.asarray(affine, dtype=float).tolist(), "source": source,
+                        **extra}}
+
+
+def image_layer_data(data: Any, name: str, modality: str, spacing: Any, affine: Any,
+                     source: str, rgb: bool = False, **extra: Any) -> LayerData:
+    """The layer tuple of one image: scale from the spacing, CT window, segmote metadata."""
+    ndim = len(data.shape) - int(rgb)
+    spatial = list(spacing)[-ndim:] if len(spacing) >= ndim else [1.0] * ndim
+    kwargs: dict[str, Any] = {"name": name, "scale": spatial, "rgb": rgb,
+                              "metadata": _meta(modality, spatial, affine, source, **extra)}
+    if str(modality).upper() == "CT" and not rgb:
+        kwargs["contrast_limits"] = CT_CONTRAST
+    return data, kwargs, "image"
+
+
+def read_nifti(path: Path) -> list[LayerData]:
+    img = open_image(path)
+    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    return [image_layer_data(img.data, name, img.modality, img.spacing, img.affine, str(path),
+                             rgb=img.axes == "YXC")]
+
+
+def read_cohort(path: Path) -> list[LayerData]:
+    """All cases of a cohort root, or one case; each case's labels too when present."""
+    kind = _zarr_kind(path)
+    root = path if kind == "cohort" else path.parent
+    cohort = open_cohort(root)
+    case_ids = cohort.case_ids() if kind == "cohort" else [path.name]
+    layers: list[LayerData] = []
+    for case_id in case_ids:
+        case = cohort.case(case_id)
+        rgb = case.image.ndim == 3 and case.image.shape[-1] == 3 and len(case.spacing) == 2
+        layers.append(image_layer_data(case.image, case_id, case.modality, case.spacing,
+                                       case.affine, str(root / case_id), rgb=rgb,
+                                       case_id=case_id))
+        if case.labels is not None:
+            meta = layers[-1][1]["metadata"]
+            layers.append((case.labels, {"name": f"{case_id} labels",
+                                         "scale": layers[-1][1]["scale"], "metadata": meta},
+                           "labels"))
+    log.info("read %d case(s) from %s", len(case_ids), root)
+    return layers

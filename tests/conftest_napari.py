@@ -1,0 +1,45 @@
+"""Fixtures of the napari plugin tests (imported by tests/test_napari_*.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segmote_core import SegMoTEConfig, build_segmote
+
+
+@pytest.fixture(scope="session")
+def napari_model():
+    """A random-weight tiny SegMoTE (masks are not meaningful; the plumbing is)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    return build_segmote(SegMoTEConfig(model_type="tiny"))
+
+
+@pytest.fixture
+def annotator(make_napari_viewer, napari_model, qtbot):
+    """(viewer, widget) with the CT phantom open, the model set and annotation started."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("segmote", "ct_phantom")
+    _, widget = viewer.window.add_plugin_dock_widget("segmote", "SegMoTE annotator")
+    widget.controller.set_model(napari_model)
+    widget.image.value = viewer.layers["CT phantom"]
+    widget.modality.value = "CT"
+    widget.start()
+    return viewer, widget
+
+
+def wait_idle(qtbot, controller, timeout: int = 60_000) -> None:
+    """Wait until the controller's worker (and its follow-ups) finished."""
+    qtbot.waitUntil(lambda: controller.worker is None, timeout=timeout)
+
+
+def go_to_slice(viewer, layer, z: int) -> None:
+    viewer.dims.set_point(viewer.dims.ndim - layer.ndim, layer.translate[0] + z * layer.scale[0])
+
+
+def bright_centre(labels: np.ndarray, label: int, z: int) -> tuple[float, float]:
+    """(y, x) centre of ``label`` on slice ``z``."""
+    ys, xs = np.nonzero(labels[z] == label)
+    return float(ys.mean()), float(xs.mean())

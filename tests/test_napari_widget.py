@@ -1,0 +1,226 @@
+"""The dock widget in a real napari viewer (under Xvfb): prompts, commit, undo, auto, threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segmote_core import SegMoTEPredictor
+
+from napari_segmote import _layers as L
+from napari_segmote._sample_data import make_ct_phantom
+
+from conftest_napari import annotator, bright_centre, go_to_slice, napari_model, wait_idle  # noqa: F401
+
+pytestmark = pytest.mark.gui
+
+
+def _expected(model, image: np.ndarray, **prompt) -> np.ndarray:
+    p = SegMoTEPredictor(model)
+    p.set_image(image, modality="CT", window="soft_tissue")
+    return p.predict(**prompt).masks[0]
+
+
+def test_point_prompt_predicts_on_its_slice(annotator, qtbot, napari_model):
+    viewer, widget = annotator
+    c = widget.controller
+    vol, ref, _ = make_ct_phantom()
+    z = 12
+    go_to_slice(viewer, c.image_layer, z)
+    assert c.z == z
+    y, x = bright_centre(ref, 5, z)
+    c.layers[L.POINTS].add([[z, y, x]])
+    wait_idle(qtbot, c)           # the slice embedding runs in a worker, then the decoder
+    current = c.layers[L.CURRENT].data
+    assert current.shape == vol.shape
+    expected = _expected(napari_model, vol[z], point_coords=np.array([[x, y]]),
+                         point_labels=np.array([1]))
+    assert expected.any()
+    np.testing.assert_array_equal(current[z].astype(bool), expected)
+    assert not np.delete(current, z, axis=0).any()          # no other slice touched
+    assert "expert" in widget.status.value and "confidence" in widget.status.value
+
+
+
+def _prompt(c, qtbot, z: int, y: float, x: float) -> None:
+    c.layers[L.POINTS].add([[z, y, x]])
+    wait_idle(qtbot, c)
+
+
+def test_commit_increments_ids_keeps_objects_and_undo_restores(annotator, qtbot):
+    viewer, widget = annotator
+    c = widget.controller
+    _, ref, _ = make_ct_phantom()
+    z = 12
+    go_to_slice(viewer, c.image_layer, z)
+    _prompt(c, qtbot, z, *bright_centre(ref, 5, z))
+    first = c.layers[L.CURRENT].data.astype(bool).copy()
+    assert first.any()
+    widget.commit_button.clicked.emit()
+    committed = c.layers[L.COMMITTED].data
+    np.testing.assert_array_equal(committed == 1, first)
+    assert not c.layers[L.CURRENT].data.any() and len(c.layers[L.POINTS].data) == 0
+
+    go_to_slice(viewer, c.image_layer, 5)
+    _prompt(c, qtbot, 5, *bright_centre(ref, 4, 5))
+    second = c.layers[L.CURRENT].data.astype(bool).copy()
+    assert second.any()
+    widget.commit_button.clicked.emit()
+    np.testing.assert_array_equal(committed == 1, first)          # earlier object kept
+    np.testing.assert_array_equal(committed == 2, second & ~first)
+    assert set(np.unique(committed)) == {0, 1, 2}
+
+    widget.undo_button.clicked.emit()
+    np.testing.assert_array_equal(committed == 1, first)
+    assert not (committed == 2).any()
+    widget.undo_button.clicked.emit()
+    assert not committed.any()
+    widget.undo_button.clicked.emit()                              # nothing left: no error
+    assert "nothing to undo" in widget.status.value
+
+    committed[3, 5:9, 5:9] = 4                                     # e.g. painted by hand
+    widget.start()                                                 # a restart keeps objects
+    assert (c.layers[L.COMMITTED].data == 4).sum() == 16
+    assert c.session.next_label() == 5
+
+
+def test_clear_and_keyboard_shortcuts(annotator, qtbot):
+    from napari.utils.key_bindings import KeyBinding
+
+    viewer, widget = annotator
+    c = widget.controller
+    _, ref, _ = make_ct_phantom()
+    go_to_slice(viewer, c.image_layer, 12)
+    _prompt(c, qtbot, 12, *bright_centre(ref, 5, 12))
+    keys = {str(k): f for k, f in viewer.keymap.items()}
+    for key in ("Shift-C", "Shift-X", "Shift-U", "Shift-N", "Shift-T"):
+        assert str(KeyBinding.from_str(key)) in keys
+    press = lambda key: keys[str(KeyBinding.from_str(key))](viewer)  # noqa: E731
+    press("Shift-X")                                               # clear
+    assert not c.layers[L.CURRENT].data.any() and len(c.layers[L.POINTS].data) == 0
+    _prompt(c, qtbot, 12, *bright_centre(ref, 5, 12))
+    press("Shift-C")                                               # commit
+    assert c.layers[L.COMMITTED].data.max() == 1
+    press("Shift-N")                                               # next slice
+    assert c.z == 13
+    c.layers[L.POINTS].add([[13, 60.0, 60.0]])                    # positive, stays selected
+    press("Shift-T")                                               # negative points
+    c.layers[L.POINTS].add([[13, 40.0, 40.0]])
+    wait_idle(qtbot, c)
+    points = c.layers[L.POINTS]
+    assert points.features["positive"].tolist() == [True, False]
+    np.testing.assert_allclose(points.face_color[:, :3], [[0, 1, 0], [1, 0, 0]])
+    assert c.prompts()["labels"].tolist() == [1, 0]
+    press("Shift-U")                                               # undo
+    assert not c.layers[L.COMMITTED].data.any()
+
+
+def test_auto_segments_volume_without_prompts(annotator, qtbot, napari_model):
+    viewer, widget = annotator
+    c = widget.controller
+    vol, _, _ = make_ct_phantom()
+    widget.auto_volume_button.clicked.emit()
+    wait_idle(qtbot, c)
+    assert len(c.layers[L.POINTS].data) == 0 and len(c.layers[L.BOXES].data) == 0
+    current = c.layers[L.CURRENT].data
+    assert c.session.store.missing(range(vol.shape[0])) == []
+    for z in (0, 12, 23):
+        np.testing.assert_array_equal(current[z].astype(bool),
+                                      _expected(napari_model, vol[z], auto=True))
+    assert current.any()
+
+
+def test_gui_thread_not_blocked_while_embedding_volume(annotator, qtbot):
+    import time
+
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = annotator
+    c = widget.controller
+    stamps: list[float] = []
+    running: list[bool] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: (stamps.append(time.perf_counter()),
+                                   running.append(c.worker is not None)))
+    timer.start()
+    t0 = time.perf_counter()
+    widget.embed_volume_button.clicked.emit()
+    assert c.worker is not None                                    # returned at once
+    wait_idle(qtbot, c)
+    elapsed = time.perf_counter() - t0
+    timer.stop()
+    assert c.session.store.missing(range(24)) == []
+    ticks_while_running = sum(running)
+    gaps = np.diff(stamps)
+    print(f"embedding 24 slices took {elapsed:.2f} s; timer ticks while running: "
+          f"{ticks_while_running}; longest gap between ticks {gaps.max() * 1000:.0f} ms")
+    assert ticks_while_running >= 10
+    assert gaps.max() < max(1.0, 0.25 * elapsed)                   # never blocked for long
+
+
+def test_cancel_stops_embedding(annotator, qtbot):
+    viewer, widget = annotator
+    c = widget.controller
+    widget.embed_volume_button.clicked.emit()
+    qtbot.waitUntil(lambda: len(c.session.store) >= 1, timeout=30_000)
+    widget.cancel_button.clicked.emit()
+    wait_idle(qtbot, c)
+    assert 1 <= len(c.session.store) < 24
+
+
+def test_prompt_during_volume_embedding_is_decoded_after_it(annotator, qtbot, napari_model):
+    viewer, widget = annotator
+    c = widget.controller
+    vol, ref, _ = make_ct_phantom()
+    widget.embed_volume_button.clicked.emit()
+    z = 20                                         # embedded last: still missing now
+    go_to_slice(viewer, c.image_layer, z)
+    y, x = bright_centre(ref, 4, z)
+    c.layers[L.POINTS].add([[z, y, x]])            # no "busy" error: queued
+    assert "waiting" in widget.status.value
+    wait_idle(qtbot, c)
+    expected = _expected(napari_model, vol[z], point_coords=np.array([[x, y]]),
+                         point_labels=np.array([1]))
+    np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), expected)
+
+
+def test_segment_volume_propagates_from_prompted_slice(annotator, qtbot, napari_model):
+    from segmote_core.volume import PredictorSegmenter, SlicePrompt, propagate
+
+    viewer, widget = annotator
+    c = widget.controller
+    vol, ref, _ = make_ct_phantom()
+    z = 12
+    go_to_slice(viewer, c.image_layer, z)
+    ys, xs = np.nonzero(ref[z] == 5)
+    box = [xs.min(), ys.min(), xs.max(), ys.max()]
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    c.layers[L.BOXES].add_rectangles([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]])
+    wait_idle(qtbot, c)
+    seed = c.layers[L.CURRENT].data[z].astype(bool).copy()
+    widget.propagate_button.clicked.emit()
+    wait_idle(qtbot, c)
+    res = c.session.propagation
+    assert res is not None and res.stops                      # both directions ended
+    current = c.layers[L.CURRENT].data
+    # the core call with the same prompt (over the embeddings the plugin computed) agrees
+    expected = propagate(PredictorSegmenter(SegMoTEPredictor(napari_model), vol, "CT",
+                                            "soft_tissue", cache=c.session.store),
+                         {z: SlicePrompt(box=np.array(box, np.float32))})
+    np.testing.assert_array_equal(current.astype(bool), expected.mask)
+    np.testing.assert_array_equal(current[z].astype(bool), seed)   # the prompted slice kept
+    filled = res.slices
+    assert z in filled and filled == list(range(filled[0], filled[-1] + 1))  # contiguous
+    outside = [k for k in range(vol.shape[0]) if k not in filled]
+    assert not current[outside].any()
+    assert f"object on {len(filled)} slices" in widget.status.value
+
+    widget.max_slices.value = 2                                # a bounded propagation
+    widget.propagate_button.clicked.emit()
+    wait_idle(qtbot, c)
+    reached = c.session.propagation.slices
+    assert set(reached) <= set(range(z - 2, z + 3)) and z in reached
+    assert not np.delete(c.layers[L.CURRENT].data, reached, axis=0).any()
+    assert {s.reason for s in c.session.propagation.stops} <= {
+        "max_slices", "empty", "no_overlap", "leak"}
