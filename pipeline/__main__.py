@@ -1,0 +1,10 @@
+"""``python -m pipeline COHORT.zarr OUT.zarr [...]``: the same as ``segmote batch``."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""``segmote batch``'s driver: check cases, start Ray, resume, stream slices, sign, report.
+
+```python
+from pipeline import BatchOptions, run_batch
+summary = run_batch(BatchOptions("cohort.zarr", "labels.zarr"))
+summary.ok, summary.failed, summary.slices_per_second
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from segmote_core import __version__
+from segmote_core.io import CohortError, open_cohort
+
+from .cases import CaseError, CaseInput, batch_count, iter_tasks, open_case
+from .engine import ActorPool, PoolConfig, ray_session, resolve_pool
+from .report import case_row, write_report, write_review_queue
+from .store import OutputStore, SignatureMismatch
+from .worker import ModelSpec, SliceResult, SliceTask, peak_rss_mb
+
+__all__ = ["BatchOptions", "BatchSummary", "run_batch", "SignatureMismatch"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Everything one run depends on (built by the CLI, or by hand).
+
+    Attributes:
+        mode: ``"auto"`` (PPT, prompt-free) or ``"box"`` (one box per slice around
+            ``label_key > 0``, or ``== label_id``, of the input case: re-segmentation).
+        label_value: id written for the mask (default ``label_id`` in box mode, else 1).
+        batch_size: slices per actor call (never across cases).
+        address: Ray cluster to join; ``None`` starts a private local Ray (``num_cpus``).
+        cases: case ids to run (default all complete cases of the cohort).
+        progress: tqdm bars (``None``: only on a terminal).
+    """
+
+    cohort: str
+    out: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    mode: str = "auto"
+    label_key: str = "labels"
+    label_id: int | None = None
+    label_value: int | None = None
+    batch_size: int = 8
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    address: str | None = None
+    num_cpus: int | None = None
+    cases: tuple[str, ...] = ()
+    overwrite: bool = False
+    progress: bool | None = None
+
+    def check(self) -> None:
+        if self.mode not in ("auto", "box"):
+            raise ValueError(f"--mode must be 'auto' or 'box', got {self.mode!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        value = self.resolved_label_value
+        if not 1 <= value <= 65535:
+            raise ValueError(f"label value must be in 1..65535, got {value}")
+
+    @property
+    def resolved_label_value(self) -> int:
+        if self.label_value is not None:
+            return int(self.label_value)
+        return int(self.label_id) if self.mode == "box" and self.label_id else 1
+
+
+@dataclass
+class BatchSummary:
+    """What a run did. ``rows`` are the report's rows (one per selected case)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    startup_seconds: float = 0.0
+    run_seconds: float = 0.0
+    slices: int = 0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    driver_peak_rss_mb: float = 0.0
+    report: str = ""
+    review_queue: str = ""
+
+    @property
+    def failed(self) -> list[str]:
+        return [r["case"] for r in self.rows if r["status"] == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
+
+    @property
+    def slices_per_second(self) -> float:
+        return self.slices / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def slices_per_second_after_startup(self) -> float:
+        """Slices per second from the first batch sent to the last result written."""
+        return self.slices / self.run_seconds if self.run_seconds > 0 else 0.0
+
+
+class _Open:
+    """Book-keeping for one case in flight."""
+
+    def __init__(self, case: CaseInput, t0: float) -> None:
+        self.case = case
+        self.sent = 0
+        self.received = 0
+        self.reading = True
+        self.error: str | None = None
+        self.conf = np.full(case.n_slices, np.nan, np.float32)
+        self.expert = np.full(case.n_slices, -1, np.int16)
+        self.compute = 0.0
+        self.t0 = t0
+
+
+class _Driver:
+    """Feeds the pool case by case and writes what comes back."""
+
+    def __init__(self, opts: BatchOptions, store: OutputStore, todo: list[CaseInput],
+                 summary: BatchSummary, slice_conf: dict[str, list], bars: tuple[Any, Any]):
+        self.opts, self.store, self.todo, self.summary = opts, store, todo, summary
+        self.slice_conf = slice_conf
+        self.case_bar, self.slice_bar = bars
+        self.open: dict[str, _Open] = {}
+
+    def tasks(self) -> Iterator[SliceTask]:
+        value = self.opts.resolved_label_value
+        for case in self.todo:
+            state = _Open(case, time.perf_counter())
+            self.open[case.case_id] = state
+            try:
+                self.store.begin(case.case_id, case.shape, "uint8" if value <= 255 else "uint16")
+                for task in iter_tasks(case, self.opts.batch_size, value, self.opts.label_id):
+                    if state.error:
+                        break
+                    state.sent += 1
+                    yield task
+            except Exception as exc:  # noqa: BLE001 - CaseError, store errors: this case only
+                state.error = state.error or str(exc)
+            state.reading = False
+            self._maybe_close(case.case_id)
+
+    def accept(self, res: SliceResult) -> None:
+        state = self.open.get(res.case_id)
+        if state is None:
+            return
+        state.received += 1
+        state.compute += res.seconds
+        if res.error:
+            state.error = state.error or f"{state.case.where}: {res.error}"
+        elif not state.error:
+            try:
+                n = len(res.labels)
+                self.store.write(res.case_id, res.start, res.labels)
+                state.conf[res.start:res.start + n] = res.confidence
+                state.expert[res.start:res.start + n] = res.expert
+                self.slice_bar.update(n)
+                self.summary.slices += n
+            except Exception as exc:  # noqa: BLE001 - e.g. disk full: fail this case
+                state.error = f"{state.case.where}: cannot write labels: {exc}"
+        self._maybe_close(res.case_id)
+
+    def _maybe_close(self, case_id: str) -> None:
+        state = self.open[case_id]
+        if state.reading or state.received < state.sent:
+            return
+        del self.open[case_id]
+        case = state.case
+        labels = f"{self.store.path}/{case_id}/labels"
+        wall = time.perf_counter() - state.t0
+        if state.error:
+            self.store.discard(case_id)
+            log.error("case %s failed: %s", case_id, state.error)
+            self.summary.rows.append(case_row(case_id, "failed", error=state.error,
+                                              shape=case.shape, seconds=wall))
+        else:
+            self.store.finish(case_id, state.conf, state.expert, {
+                "slices": case.n_slices, "seconds": round(wall, 3),
+                "compute_seconds": round(state.compute, 3), "mode": self.opts.mode,
+                "modality": case.modality, "segmote_version": __version__})
+            conf = [None if not np.isfinite(c) else float(c) for c in state.conf]
+            self.slice_conf[case_id] = conf
+            self.summary.rows.append(case_row(
+                case_id, "done", slices=case.n_slices, seconds=wall, confidence=conf,
+                expert=state.expert.tolist(), shape=case.shape, labels=labels))
+        self.case_bar.update(1)
+
+
+def _signature(worker_sig: dict[str, Any], opts: BatchOptions) -> dict[str, Any]:
+    box = opts.mode == "box"
+    return {"model": worker_sig, "mode": opts.mode,
+            "label_key": opts.label_key if box else None,
+            "label_id": opts.label_id if box else None,
+            "label_value": opts.resolved_label_value}
+
+
+def _select(opts: BatchOptions) -> tuple[Any, list[str]]:
+    try:
+        cohort = open_cohort(opts.cohort)
+    except CohortError as exc:
+        raise ValueError(str(exc)) from exc
+    ids = cohort.case_ids()
+    if opts.cases:
+        unknown = sorted(set(opts.cases) - set(ids))
+        if unknown:
+            raise ValueError(f"{opts.cohort}: no complete case(s) named {', '.join(unknown)}")
+        ids = [c for c in ids if c in set(opts.cases)]
+    return cohort, ids
+
+
+def run_batch(opts: BatchOptions) -> BatchSummary:
+    """Segment (or resume) every selected case of ``opts.cohort`` into ``opts.out``.
+
+    Raises:
+        ValueError: bad options, not a cohort, unknown cases, output inside the input.
+        FileNotFoundError: a model file is missing.
+        SignatureMismatch: ``opts.out`` holds another model's labels and ``overwrite`` is off.
+    """
+    from tqdm import tqdm
+
+    opts.check()
+    opts.model.check_files()
+    t_start = time.perf_counter()
+    cohort, ids = _select(opts)
+    OutputStore.precheck(opts.out, opts.cohort)
+    summary = BatchSummary()
+    cases: list[CaseInput] = []
+    bad: dict[str, str] = {}
+    for case_id in ids:
+        try:
+            cases.append(open_case(cohort, case_id, opts.mode, opts.label_key))
+        except CaseError as exc:
+            bad[case_id] = str(exc)
+    n_batches = sum(batch_count(c.n_slices, opts.batch_size) for c in cases)
+    slice_conf: dict[str, list] = {}
+    with ray_session(opts.address, opts.num_cpus) as resources:
+        pool_cfg = resolve_pool(opts.pool, resources, max(1, n_batches))
+        pool = ActorPool(opts.model, pool_cfg)
+        signature = _signature(pool.signature(), opts)
+        summary.startup_seconds = time.perf_counter() - t_start
+        log.info("%d actor(s) ready (%s CPU, %s GPU each) in %.1f s: %s",
+                 pool_cfg.num_actors, pool_cfg.cpus_per_actor, pool_cfg.gpus_per_actor,
+                 summary.startup_seconds, opts.model.describe())
+        store = OutputStore(opts.out, opts.cohort, signature, opts.overwrite)
+        todo = []
+        for case in cases:
+            if store.is_complete(case.case_id):
+                attrs = store.case_attrs(case.case_id)
+                slice_conf[case.case_id] = attrs.get("confidence", [])
+                summary.rows.append(case_row(
+                    case.case_id, "skipped", slices=attrs.get("slices", 0),
+                    seconds=attrs.get("seconds", 0.0), confidence=attrs.get("confidence", []),
+                    expert=attrs.get("expert", []), shape=case.shape,
+                    labels=f"{store.path}/{case.case_id}/labels"))
+            else:
+                todo.append(case)
+        for case_id, error in bad.items():
+            log.error("case %s failed: %s", case_id, error)
+            summary.rows.append(case_row(case_id, "failed", error=error))
+        log.info("%d case(s): %d to segment, %d already complete, %d unreadable", len(ids),
+                 len(todo), len(ids) - len(todo) - len(bad), len(bad))
+        disable = None if opts.progress is None else not opts.progress
+        with tqdm(total=len(ids), desc="cases", unit="case", position=0, disable=disable,
+                  initial=len(ids) - len(todo)) as case_bar, \
+                tqdm(total=sum(c.n_slices for c in todo), desc="slices", unit="slice",
+                     position=1, disable=disable) as slice_bar:
+            driver = _Driver(opts, store, todo, summary, slice_conf, (case_bar, slice_bar))
+            t_run = time.perf_counter()
+            for result in pool.run(driver.tasks()):
+                driver.accept(result)
+            summary.run_seconds = time.perf_counter() - t_run
+        for case_id, state in list(driver.open.items()):  # cannot happen unless Ray lost work
+            store.discard(case_id)
+            summary.rows.append(case_row(case_id, "failed", error=state.error or
+                                         "incomplete: not all slices came back"))
+        summary.workers = pool.info()
+    summary.seconds = time.perf_counter() - t_start
+    summary.driver_peak_rss_mb = peak_rss_mb()
+    summary.rows.sort(key=lambda r: r["case"])
+    out = Path(opts.out)
+    summary.report = str(write_report(out, summary.rows))
+    summary.review_queue = str(write_review_queue(out, summary.rows, slice_conf))
+    return summary

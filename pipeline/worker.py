@@ -1,0 +1,185 @@
+"""The per-actor segmentation worker: loads the model once, segments batches of slices.
+
+This module holds no Ray code: :mod:`pipeline.engine` wraps :class:`SegmentWorker` in a Ray
+actor, and tests or the benchmark can call it in-process. Every batch returns a result row,
+never an exception: an error in one batch (a slice the model cannot take, CUDA out of memory)
+is reported with its case so the driver fails that case and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ModelSpec", "SliceTask", "SliceResult", "SegmentWorker", "peak_rss_mb"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model every actor loads (by path, so nothing large travels through Ray).
+
+    Attributes:
+        segmote_checkpoint: SegMoTE ``.safetensors``; ``None`` with no SAM checkpoint means the
+            bundled demo model (``segmote_core.load_demo_model``).
+        sam_checkpoint: official SAM ``.pth`` the SegMoTE weights sit on (or bare SAM).
+        model_type: SAM size when only ``sam_checkpoint`` is given.
+        precision: ``"auto"`` (bf16 autocast on CUDA), ``"bf16"`` or ``"fp32"``.
+    """
+
+    segmote_checkpoint: str | None = None
+    sam_checkpoint: str | None = None
+    model_type: str = "vit_b"
+    precision: str = "auto"
+
+    def describe(self) -> str:
+        if self.segmote_checkpoint:
+            return f"SegMoTE {self.segmote_checkpoint}" + (
+                f" on SAM {self.sam_checkpoint}" if self.sam_checkpoint else "")
+        if self.sam_checkpoint:
+            return f"bare SAM {self.model_type} {self.sam_checkpoint}"
+        return "bundled demo model"
+
+    def check_files(self) -> None:
+        """Fail early, on the driver, when a named file is missing (clear message)."""
+        for flag, value in (("--segmote-checkpoint", self.segmote_checkpoint),
+                            ("--sam-checkpoint", self.sam_checkpoint)):
+            if value is not None and not Path(value).is_file():
+                raise FileNotFoundError(f"{flag} {value}: no such file")
+        if self.segmote_checkpoint is None and self.sam_checkpoint is None:
+            from segmote_core.build import demo_model_path  # imports torch: demo runs only
+
+            if not demo_model_path().is_file():
+                raise FileNotFoundError(
+                    f"the bundled demo model is missing ({demo_model_path()}); pass "
+                    "--segmote-checkpoint (and --sam-checkpoint) instead")
+
+
+@dataclass
+class SliceTask:
+    """One batch of consecutive slices of one case.
+
+    Attributes:
+        slices: ``(B, Y, X)`` grey or ``(B, Y, X, 3)`` RGB, raw intensities.
+        boxes: ``(B, 4)`` XYXY per slice (NaN rows: nothing there) or ``None`` for PPT auto mode.
+        label_value: the id written where the mask is on.
+    """
+
+    case_id: str
+    start: int
+    slices: np.ndarray
+    modality: str
+    boxes: np.ndarray | None = None
+    label_value: int = 1
+
+
+@dataclass
+class SliceResult:
+    """The worker's answer for one :class:`SliceTask`; ``error`` set means the batch failed."""
+
+    case_id: str
+    start: int
+    labels: np.ndarray | None        # (B, Y, X) uint8/uint16
+    confidence: np.ndarray | None    # (B,) float32, NaN where no object / no experts
+    expert: np.ndarray | None        # (B,) int16, -1 where none
+    seconds: float = 0.0
+    error: str | None = None
+    worker: str = ""
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class SegmentWorker:
+    """Loads the model once and segments :class:`SliceTask` batches.
+
+    Args:
+        spec: the model to load.
+        threads: torch intra-op threads for this process (CPU work).
+        use_gpu: put the model on CUDA when a GPU is visible to this process.
+        chunk: slices per encoder call inside ``segment_batch``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, threads: int = 1, use_gpu: bool = False,
+                 chunk: int = 8) -> None:
+        import torch
+
+        from segmote_core.build import load_model
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if use_gpu and self.device == "cpu":
+            log.warning("GPU requested but CUDA is not available in worker %d; using CPU",
+                        os.getpid())
+        self.spec = spec
+        self.chunk = max(1, int(chunk))
+        self.model = load_model(spec.segmote_checkpoint, spec.sam_checkpoint,
+                                model_type=spec.model_type, device=self.device)
+        self.model.eval()
+        self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
+
+    def signature(self) -> dict[str, Any]:
+        """The loaded model's signature (config + weight hash) and the precision it runs at."""
+        from segmote_core.predictor import model_signature, use_bf16
+
+        sig = model_signature(self.model)
+        sig["bf16_encoder"] = bool(use_bf16(self.model, self.spec.precision))
+        return sig
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs and its peak memory so far (MiB)."""
+        return {"worker": self.name, "device": self.device, "pid": os.getpid(),
+                "peak_rss_mb": peak_rss_mb()}
+
+    def __call__(self, task: SliceTask) -> SliceResult:
+        """Segment one batch; any exception becomes ``SliceResult.error`` naming the case."""
+        from segmote_core.inference import segment_batch
+
+        t0 = time.perf_counter()
+        try:
+            slices = np.asarray(task.slices)
+            if slices.ndim not in (3, 4) or (slices.ndim == 4 and slices.shape[-1] != 3):
+                raise ValueError(f"slices of shape {slices.shape} are not (B, Y, X) or (B, Y, X, 3)")
+            res = segment_batch(self.model, slices, task.modality, boxes=task.boxes,
+                                precision=self.spec.precision, chunk=self.chunk)
+            dtype = np.uint8 if task.label_value <= 255 else np.uint16
+            labels = res.masks.astype(dtype) * dtype(task.label_value)
+            return SliceResult(task.case_id, task.start, labels,
+                               res.confidence.astype(np.float32), res.expert.astype(np.int16),
+                               time.perf_counter() - t0, None, self.name)
+        except Exception as exc:  # noqa: BLE001 - reported per case, never raised
+            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            if _is_oom(exc):
+                detail = f"out of memory on {self.device}: {detail} (try a smaller --batch-size)"
+                _free_cuda()
+            log.warning("case %s slices %d..: %s", task.case_id, task.start, detail)
+            return SliceResult(task.case_id, task.start, None, None, None,
+                               time.perf_counter() - t0,
+                               f"slices {task.start}-{task.start + len(task.slices) - 1}: "
+                               f"{detail}", self.name)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+

@@ -1,0 +1,66 @@
+"""Shared helpers of the pipeline tests (no tests here): a real tiny SegMoTE checkpoint and a
+small cohort on disk, one of whose cases can be made corrupt."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segmote_core import SegMoTEConfig, build_segmote, save_segmote
+from pipeline.synthetic import synthetic_cohort
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """The real tiny SegMoTE (random weights, 128 px input for speed) saved with the core's
+    ``save_segmote``; the router gate is randomised so confidence and experts vary by slice."""
+    torch.manual_seed(seed)
+    model = build_segmote(SegMoTEConfig(model_type="tiny", image_size=128))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("w_gate"):
+                p.normal_(0.0, 0.1)
+    return save_segmote(model, path)
+
+
+def corrupt_chunk(cohort: Path, case_id: str, z: int) -> Path:
+    """Overwrite slice ``z``'s chunk of ``case_id``'s image with garbage bytes."""
+    chunk = cohort / case_id / "image" / "c" / str(z) / "0" / "0"
+    if not chunk.is_file():
+        raise FileNotFoundError(chunk)
+    chunk.write_bytes(b"\x00garbage, not zstd" * 3)
+    return chunk
+
+
+def make_cohort(path: Path, n_cases: int = 5, slices: int = 2, size: int = 32,
+                corrupt: str | None = "case_002") -> list[str]:
+    ids = synthetic_cohort(path, n_cases, slices, size, seed=1)
+    if corrupt:
+        corrupt_chunk(path, corrupt, slices - 1)
+    return ids
+
+
+def labels_of(out: Path) -> dict[str, np.ndarray]:
+    import zarr
+
+    root = zarr.open_group(str(out), mode="r")
+    return {name: np.asarray(g["labels"][...]) for name, g in root.groups()}
+
+
+def attrs_of(out: Path) -> dict[str, dict]:
+    import zarr
+
+    root = zarr.open_group(str(out), mode="r")
+    return {name: dict(g["labels"].attrs) for name, g in root.groups()}
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -1,0 +1,124 @@
+"""Pipeline parts without Ray: case checks, boxes, the signed output store, the report and the
+worker on the real tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.cases import CaseError, boxes_from_labels, iter_tasks, open_case, read_batch
+from pipeline.report import case_row, read_report, write_report, write_review_queue
+from pipeline.store import OutputStore, SignatureMismatch
+from pipeline.worker import ModelSpec, SegmentWorker, SliceTask
+from segmote_core.inference import segment_batch
+from segmote_core.io import open_cohort
+from test_pipeline_support import make_cohort, tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    path = tmp_path_factory.mktemp("units") / "cohort.zarr"
+    make_cohort(path, n_cases=3, slices=3, size=32, corrupt="case_001")
+    root = zarr.open_group(str(path), mode="r+")
+    bad = root.create_group("case_4d")
+    bad.create_array("image", shape=(2, 2, 8, 8), dtype="int16", fill_value=0)
+    return path
+
+
+def test_boxes_from_labels():
+    lab = np.zeros((3, 10, 12), np.uint8)
+    lab[0, 2:5, 3:9] = 1
+    lab[2, 7, 11] = 2
+    boxes = boxes_from_labels(lab)
+    np.testing.assert_array_equal(boxes[0], [3, 2, 9, 5])
+    assert np.isnan(boxes[1]).all()
+    np.testing.assert_array_equal(boxes[2], [11, 7, 12, 8])
+    only2 = boxes_from_labels(lab, label_id=2)
+    assert np.isnan(only2[0]).all() and only2[2].tolist() == [11, 7, 12, 8]
+
+
+def test_case_checks_name_case_and_problem(cohort):
+    coh = open_cohort(cohort)
+    with pytest.raises(CaseError, match=r"case_4d/image: shape \(2, 2, 8, 8\) has 4 dim"):
+        open_case(coh, "case_4d")
+    case = open_case(coh, "case_001")
+    assert case.shape == (3, 32, 32) and case.n_slices == 3
+    slices, boxes = read_batch(case, 0, 2)  # slices 0-1 are intact
+    assert slices.shape == (2, 32, 32) and boxes is None
+    with pytest.raises(CaseError, match=r"case_001: cannot read slices 2-2"):
+        list(iter_tasks(case, batch_size=2))
+    with pytest.raises(CaseError, match="needs a 'nope' label array"):
+        open_case(coh, "case_000", mode="box", label_key="nope")
+    boxed = open_case(coh, "case_000", mode="box")
+    tasks = list(iter_tasks(boxed, batch_size=2, label_value=3))
+    assert [t.start for t in tasks] == [0, 2] and tasks[0].boxes.shape == (2, 4)
+    truth = np.asarray(coh.case("case_000").labels[...])
+    np.testing.assert_array_equal(np.concatenate([t.boxes for t in tasks]),
+                                  boxes_from_labels(truth))
+
+
+def test_store_resume_and_signature(tmp_path, cohort):
+    out = tmp_path / "out.zarr"
+    sig = {"model": {"weights_sha256": "a"}, "mode": "auto"}
+    store = OutputStore(out, cohort, sig)
+    store.begin("c1", (2, 4, 4))
+    store.write("c1", 0, np.ones((2, 4, 4), np.uint8))
+    assert not store.is_complete("c1")  # written but not signed complete
+    store.finish("c1", np.array([0.5, np.nan]), np.array([1, -1]), {"slices": 2})
+    assert store.is_complete("c1")
+    attrs = store.case_attrs("c1")
+    assert attrs["confidence"] == [0.5, None] and attrs["expert"] == [1, -1]
+    store.begin("c2", (4, 4))  # left incomplete, as after a kill
+    again = OutputStore(out, cohort, sig)
+    assert again.is_complete("c1") and not again.is_complete("c2")
+    again.begin("c2", (4, 4))  # redone from scratch, never appended to
+    assert np.asarray(again.root["c2"]["labels"][...]).sum() == 0
+    other = {"model": {"weights_sha256": "b"}, "mode": "auto"}
+    with pytest.raises(SignatureMismatch, match="--overwrite"):
+        OutputStore(out, cohort, other)
+    assert OutputStore(out, cohort, sig).is_complete("c1")  # refusal changed nothing
+    replaced = OutputStore(out, cohort, other, overwrite=True)
+    assert not replaced.is_complete("c1") and "c1" not in replaced.root
+    with pytest.raises(ValueError, match="inside"):
+        OutputStore(cohort / "labels.zarr", cohort, sig)
+
+
+def test_report_and_review_queue(tmp_path):
+    rows = [case_row("b", "done", slices=2, confidence=[0.9, 0.7], expert=[1, 1], labels="L"),
+            case_row("a", "skipped", slices=2, confidence=[0.2, 0.6], expert=[0, 3]),
+            case_row("c", "failed", error="c: cannot read slices 1-1: corrupt"),
+            case_row("d", "done", slices=1, confidence=[None], expert=[-1])]
+    write_report(tmp_path, rows)
+    df = read_report(tmp_path)
+    assert df.case.tolist() == ["a", "b", "c", "d"]
+    assert df.status.tolist() == ["skipped", "done", "failed", "done"]
+    assert df.loc[2, "error"].startswith("c: cannot read")
+    assert df.loc[1, "mean_confidence"] == pytest.approx(0.8)
+    assert df.loc[0, "min_confidence"] == pytest.approx(0.2)
+    assert json.loads(df.loc[0, "expert_usage"]) == {"0": 1, "3": 1}
+    queue = write_review_queue(tmp_path, rows, {"b": [0.9, 0.7], "a": [0.2, 0.6], "d": [None]})
+    import pandas as pd
+
+    q = pd.read_csv(queue, keep_default_na=False)
+    assert q.case.tolist() == ["a", "b", "d"]  # least confident first, unknown last
+    assert q.least_confident_slices.astype(str).tolist()[:2] == ["0 1", "1 0"]
+
+
+def test_worker_matches_segment_batch_and_reports_errors(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    worker = SegmentWorker(ModelSpec(str(ckpt)), threads=1)
+    sig = worker.signature()
+    assert len(sig["weights_sha256"]) == 64 and sig["bf16_encoder"] is False
+    rng = np.random.default_rng(0)
+    slices = rng.normal(0, 50, (3, 32, 32)).astype(np.int16)
+    res = worker(SliceTask("c", 4, slices, "CT", None, 2))
+    ref = segment_batch(worker.model, slices, "CT")
+    assert res.error is None and res.start == 4
+    np.testing.assert_array_equal(res.labels, ref.masks.astype(np.uint8) * 2)
+    np.testing.assert_allclose(res.confidence, ref.confidence)
+    assert set(np.unique(res.labels)) <= {0, 2}
+    bad = worker(SliceTask("c", 0, np.zeros((2, 2, 8, 8), np.float32), "CT"))
+    assert bad.labels is None and "slices 0-1" in bad.error and "(2, 2, 8, 8)" in bad.error
