@@ -1,0 +1,164 @@
+"""Reproduce the bundled demo model (``tiny``) from offline data, in one command:
+
+    python -m training.make_demo_model [--workdir runs/demo] [--ablations]
+
+1. ``segmote demo-data`` writes the demo cohort (MNI brain from nilearn + CT / X-ray /
+   dermoscopy phantoms); ``segmote curate`` scores it and splits it 9:1 by patient.
+2. Phase 1 (``training/configs/demo_phase1.yaml``): no pretrained tiny SAM exists, so a tiny SAM
+   is trained end to end (encoder, prompt encoder, decoder; box/point prompts).
+3. Phase 2 (``demo_phase2.yaml``): encoder and prompt encoder frozen (embeddings cached), the
+   SegMoTE parts (expert tokens + MoTE, HQ fusion, PPT, text guide) and SAM's decoder train,
+   exactly as on real SAM weights.
+4. The model is written to ``segmote_core/data/demo/segmote_demo.safetensors`` (+ ``.json``),
+   evaluated on the held-out patients, and the tables/figures go to ``docs/demo_model/``.
+5. ``--ablations``: phase 2 again without MoTE (no expert tokens) and without PPT, from the same
+   phase-1 encoder, with ``--ablation-epochs`` epochs; a comparison table is written.
+
+Every step is skipped when its output already exists (delete the work folder to start over);
+an interrupted training resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segmote_core.build import demo_model_path
+from segmote_core.checkpoint import load_segmote, save_segmote
+
+from .dataset import build_slice_dataset
+from .evaluate import evaluate_model, tables, write_report
+from .train_config import load_train_config
+from .trainer import Trainer
+
+log = logging.getLogger("training.make_demo_model")
+
+ROOT = Path(__file__).resolve().parent.parent
+ABLATIONS = {"no_mote": {"model.num_expert_tokens": 0},
+             "no_ppt": {"model.num_ppt_queries": 0}}
+
+
+def _config_path(name: str) -> Path:
+    return Path(str(resources.files("training") / "configs" / name))
+
+
+def _segmote_cli(*argv: str) -> None:
+    from segmote_core.cli import main
+
+    code = main(list(argv))
+    if code:
+        raise RuntimeError(f"'segmote {' '.join(argv)}' failed with exit code {code}")
+
+
+def _train(config_name: str, work: Path, out: str, overrides: dict[str, Any]) -> Path:
+    final = work / out / "model.safetensors"
+    if final.is_file():
+        log.info("%s exists: skipping", final)
+        return final
+    cfg = load_train_config(_config_path(config_name),
+                            {"output_dir": str((work / out).resolve()), **overrides})
+    t0 = time.perf_counter()
+    result = Trainer(cfg).fit()
+    log.info("%s: %.1f min", out, (time.perf_counter() - t0) / 60)
+    (work / out / "minutes.txt").write_text(f"{(time.perf_counter() - t0) / 60:.2f}\n")
+    return result.model_path
+
+
+def _evaluate(model_path: Path, cohort: Path, selection: Path, out: Path, title: str):
+    model = load_segmote(model_path)
+    ds = build_slice_dataset(cohort, image_size=model.image_size, selection=selection,
+                             split="test", keep_original=True)
+    result = evaluate_model(model, ds)
+    write_report(result, out, title=title)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="reproduce the bundled SegMoTE demo model")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--cohort", type=Path, default=None,
+                    help="use this demo cohort instead of running 'segmote demo-data'")
+    ap.add_argument("--selection", type=Path, default=None,
+                    help="use this selection.json instead of running 'segmote curate'")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--ablation-epochs", type=int, default=None,
+                    help="phase-2 epochs of the ablation runs (default: as the demo)")
+    ap.add_argument("--no-install", action="store_true",
+                    help="do not copy the model into segmote_core/data/demo")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "demo_model")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    cohort = args.cohort or work / "demo_cohort.zarr"
+    if not cohort.exists():
+        _segmote_cli("demo-data", str(cohort))
+    selection = args.selection or work / "selection.json"
+    if not selection.is_file():
+        _segmote_cli("curate", str(cohort), str(selection))
+    data = {"data.cohort": str(cohort.resolve()), "data.selection": str(selection.resolve())}
+    phase1 = _train("demo_phase1.yaml", work, "phase1", data)
+    phase2 = _train("demo_phase2.yaml", work, "phase2",
+                    {**data, "init_checkpoint": str(phase1.resolve())})
+    minutes = (time.perf_counter() - t_start) / 60
+    model = load_segmote(phase2)
+    info = json.loads(phase2.with_suffix(".json").read_text())
+    training = dict(info.get("training", {}), recipe="python -m training.make_demo_model",
+                    phase1=json.loads(phase1.with_suffix(".json").read_text()).get("training"))
+    if not args.no_install:
+        target = demo_model_path()
+        save_segmote(model, target, training=training)
+        log.info("installed %s (%.1f MB)", target, target.stat().st_size / 2 ** 20)
+    result = _evaluate(phase2, cohort, selection, args.docs, "SegMoTE demo model (tiny)")
+    rows = {"SegMoTE demo": result}
+    if args.ablations:
+        for name, change in ABLATIONS.items():
+            extra = dict(change)
+            if args.ablation_epochs:
+                extra["optim.epochs"] = args.ablation_epochs
+                extra["optim.lr_milestones"] = []
+            path = _train("demo_phase2.yaml", work, f"ablation_{name}",
+                          {**data, "init_checkpoint": str(phase1.resolve()), **extra})
+            rows[name] = _evaluate(path, cohort, selection, work / f"eval_{name}", name)
+        _write_ablation(rows, args.docs / "ablation.md", work)
+    (args.docs / "training_minutes.json").write_text(json.dumps({
+        "phase1": float((work / "phase1" / "minutes.txt").read_text()),
+        "phase2": float((work / "phase2" / "minutes.txt").read_text()),
+        "demo_total_this_run": round(minutes, 2)}, indent=2))
+    for src in (work / "phase1" / "metrics.csv", work / "phase2" / "metrics.csv"):
+        shutil.copy(src, args.docs / f"{src.parent.name}_metrics.csv")
+    return 0
+
+
+def _write_ablation(results: dict, path: Path, work: Path) -> None:
+    """One table: mean Dice per dataset/category and mode for each variant."""
+    lines = ["| variant | dataset | category | point | box | auto |", "|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        cat = tables(res)["categories"]
+        for (dataset, category), row in cat.iterrows():
+            cells = [f"{row[m]:.4f}" if m in row and row[m] == row[m] else "—"
+                     for m in ("point", "box", "auto")]
+            lines.append(f"| {name} | {dataset} | {category} | " + " | ".join(cells) + " |")
+    minutes = {}
+    for name in results:
+        f = work / ("phase2" if name == "SegMoTE demo" else f"ablation_{name}") / "minutes.txt"
+        if f.is_file():
+            minutes[name] = f.read_text().strip()
+    lines += ["", "Phase-2 training minutes: " + ", ".join(f"{k} {v}" for k, v in minutes.items())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""Training prompts drawn from the ground truth (SPEC 1.3-1.4).
+
+Each step draws one prompt mode for its whole batch (box 0.4 / points 0.3 / auto 0.3 by default):
+
+- ``box``: the mask's bounding box, each side jittered by up to ``box_jitter`` of its size.
+- ``points``: 1..``max_pos_points`` positive points inside the mask and 0..``max_neg_points``
+  negative points in the background near it, padded with label -1 (SAM's "not a point").
+- ``auto``: PPT tokens only, drawn from PPT-eligible (binary) masks. With the progressive guide
+  probability ``p(step) = ppt_guide_start * max(0, 1 - step / (ppt_guide_until * total))`` the step
+  is guided: even steps give the category's text token, odd steps the previous round's low-res
+  logits as the mask prompt (the trainer runs that first round).
+
+Box and point batches carry the category's text token with probability ``text_with_prompt``; a
+mask whose box alone is ambiguous (a category that shares its slice with others of its dataset)
+only appears in batches with text. Randomness comes from ``numpy.random.default_rng((seed, step))``
+so a resumed run draws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dataset import SliceDataset
+from .train_config import PromptConfig
+
+__all__ = ["PromptBatch", "PromptSampler", "mask_boxes", "jitter_boxes", "sample_points",
+           "guide_probability"]
+
+MODES = ("box", "points", "auto")
+
+
+@dataclass
+class PromptBatch:
+    """Prompts for B masks, in the model-input frame (pixels of S x S).
+
+    Attributes:
+        mask_ids: (B,) indices into the dataset's masks.
+        mode: ``"box" | "points" | "auto"``.
+        boxes: (B, 4) float32 XYXY, or None.
+        point_coords: (B, P, 2) float32 XY, or None; point_labels (B, P) int64 (1, 0, -1 pad).
+        text_ids: (B,) int64 vocabulary indices, or None.
+        guide: ``None`` | ``"text"`` | ``"mask"`` (auto mode only).
+    """
+
+    mask_ids: np.ndarray
+    mode: str
+    boxes: np.ndarray | None = None
+    point_coords: np.ndarray | None = None
+    point_labels: np.ndarray | None = None
+    text_ids: np.ndarray | None = None
+    guide: str | None = None
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """(M, H, W) bool -> (M, 4) float32 XYXY boxes (max pixel index inclusive); empty -> 0."""
+    masks = np.asarray(masks, bool)
+    rows = masks.any(axis=2)  # (M, H)
+    cols = masks.any(axis=1)  # (M, W)
+    h, w = masks.shape[1:]
+    y0 = np.where(rows.any(1), rows.argmax(1), 0)
+    y1 = np.where(rows.any(1), h - 1 - rows[:, ::-1].argmax(1), 0)
+    x0 = np.where(cols.any(1), cols.argmax(1), 0)
+    x1 = np.where(cols.any(1), w - 1 - cols[:, ::-1].argmax(1), 0)
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
+
+
+def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, fraction: float,
+                 limit: np.ndarray | float) -> np.ndarray:
+    """Move each side of (B, 4) XYXY boxes by U(-f, f) * side length; clip to [0, limit - 1].
+
+    ``limit`` is the image side S, or (B, 2) per-box (h, w) extents.
+    """
+    boxes = np.asarray(boxes, np.float32)
+    size = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, axis=1) + 1.0
+    out = boxes + rng.uniform(-fraction, fraction, boxes.shape).astype(np.float32) * size
+    lim = np.asarray(limit, np.float32)
+    if lim.ndim == 0:
+        hi = np.full((boxes.shape[0], 4), float(lim) - 1, np.float32)
+    else:
+        hi = np.concatenate([lim[:, ::-1], lim[:, ::-1]], axis=1).astype(np.float32) - 1
+    out = np.clip(out, 0, hi)
+    x0, x1 = np.minimum(out[:, 0], out[:, 2]), np.maximum(out[:, 0], out[:, 2])
+    y0, y1 = np.minimum(out[:, 1], out[:, 3]), np.maximum(out[:, 1], out[:, 3])
+    return np.stack([x0, y0, x1, y1], axis=1)
+
+
+def sample_points(mask: np.ndarray, rng: np.random.Generator, n_pos: int, n_neg: int,
+                  extent: tuple[int, int] | None = None, margin: float = 0.2
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Random points of one (H, W) bool mask.
+
+    Positives are uniform over the mask; negatives uniform over the background inside the mask's
+    box grown by ``margin`` of its size (anywhere in ``extent`` when that is empty).
+
+    Returns:
+        coords (n_pos + n_neg, 2) float32 XY, labels (n_pos + n_neg,) int64 (1 fg, 0 bg).
+    """
+    mask = np.asarray(mask, bool)
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("cannot draw points from an empty mask")
+    pick = rng.integers(0, ys.size, n_pos)
+    coords = [np.stack([xs[pick], ys[pick]], 1)]
+    labels = [np.ones(n_pos, np.int64)]
+    if n_neg:
+        h, w = extent if extent is not None else mask.shape
+        y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+        dy, dx = int((y1 - y0 + 1) * margin) + 1, int((x1 - x0 + 1) * margin) + 1
+        region = np.zeros_like(mask)
+        region[max(y0 - dy, 0):min(y1 + dy + 1, h), max(x0 - dx, 0):min(x1 + dx + 1, w)] = True
+        ny, nx = np.nonzero(region & ~mask)
+        if ny.size == 0:
+            valid = np.zeros_like(mask)
+            valid[:h, :w] = True
+            ny, nx = np.nonzero(valid & ~mask)
+        if ny.size:
+            pick = rng.integers(0, ny.size, n_neg)
+            coords.append(np.stack([nx[pick], ny[pick]], 1))
+            labels.append(np.zeros(n_neg, np.int64))
+    return np.concatenate(coords).astype(np.float32), np.concatenate(labels)
+
+
+def guide_probability(step: int, total_steps: int, start: float, until: float) -> float:
+    """PPT's guided-step probability: ``start`` decaying linearly to 0 at ``until * total``."""
+    end = until * total_steps
+    if end <= 0:
+        return 0.0
+    return float(start * max(0.0, 1.0 - step / end))
+
+
+class PromptSampler:
+    """Draws batches of masks and their prompts from a :class:`SliceDataset`.
+
+    Args:
+        dataset: the training slices.
+        config: prompt probabilities and limits.
+        batch_size: B.
+        vocabulary: the model's text vocabulary (category -> index); empty: no text tokens.
+        use_auto: the model has PPT (else auto steps are redistributed to box/points).
+        balance_datasets: draw the dataset uniformly, then a mask of it.
+        masks_per_slice: each drawn mask brings up to this many - 1 other masks of its slice
+            (same pool), so one encoder pass supervises several masks (end-to-end phase).
+        seed: base seed; step ``s`` uses ``default_rng((seed, s))``.
+    """
+
+    def __init__(self, dataset: SliceDataset, config: PromptConfig, *, batch_size: int,
+                 vocabulary: tuple[str, ...] = (), use_auto: bool = True,
+                 balance_datasets: bool = True, masks_per_slice: int = 1,
+                 seed: int = 0) -> None:
+        self.ds = dataset
+        self.cfg = config
+        self.batch_size = batch_size
+        self.seed = seed
+        self.balance = balance_datasets
+        if masks_per_slice < 1:
+            raise ValueError(f"masks_per_slice must be >= 1, got {masks_per_slice}")
+        self.masks_per_slice = masks_per_slice
+        self.text_index = {name: i for i, name in enumerate(vocabulary)}
+        self.use_text = bool(vocabulary)
+        if self.use_text:
+            unknown = sorted(set(dataset.categories) - set(self.text_index))
+            if unknown:
+                raise ValueError(f"categories {unknown} of {dataset.source} are not in the model's "
+                                 f"vocabulary {list(vocabulary)}")
+        self.boxes = mask_boxes(dataset.masks)
+        self.mask_dataset = np.array([dataset.datasets[s] for s in dataset.mask_slice])
+        all_ids = np.arange(dataset.num_masks)
+        self.pools = {
+            "text": all_ids,
+            "plain": all_ids[~dataset.needs_text] if self.use_text else all_ids,
+            "auto": all_ids[dataset.binary],
+        }
+        probs = np.array([config.p_box, config.p_points,
+                          config.p_auto if (use_auto and self.pools["auto"].size) else 0.0])
+        self.mode_probs = probs / probs.sum()
+
+    def _draw(self, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        per = self.masks_per_slice
+        n = -(-self.batch_size // per)
+        if not self.balance:
+            anchors = rng.choice(pool, n)
+        else:
+            names = self.mask_dataset[pool]
+            groups = [pool[names == g] for g in np.unique(names)]
+            anchors = np.array([rng.choice(groups[g]) for g in rng.integers(0, len(groups), n)])
+        if per == 1:
+            return anchors
+        slice_of = self.ds.mask_slice
+        out: list[int] = []
+        for a in anchors:
+            same = pool[(slice_of[pool] == slice_of[a]) & (pool != a)]
+            out += [int(a), *rng.permutation(same)[:per - 1].tolist()]
+        return np.array(out[:self.batch_size])
+
+    def sample(self, step: int, total_steps: int) -> PromptBatch:
+        """The prompts of optimiser step ``step`` (of ``total_steps``)."""
+        rng = np.random.default_rng((self.seed, step))
+        mode = MODES[int(rng.choice(3, p=self.mode_probs))]
+        if mode == "auto":
+            ids = self._draw(self.pools["auto"], rng)
+            guided = rng.random() < guide_probability(step, total_steps, self.cfg.ppt_guide_start,
+                                                      self.cfg.ppt_guide_until)
+            guide = None
+            if guided:
+                guide = "text" if (self.use_text and step % 2 == 0) else "mask"
+            text = self._text(ids) if guide == "text" else None
+            return PromptBatch(mask_ids=ids, mode="auto", text_ids=text, guide=guide)
+        with_text = self.use_text and (rng.random() < self.cfg.text_with_prompt
+                                       or self.pools["plain"].size == 0)
+        ids = self._draw(self.pools["text" if with_text else "plain"], rng)
+        batch = PromptBatch(mask_ids=ids, mode=mode, text_ids=self._text(ids) if with_text else None)
+        extents = self.ds.extents[self.ds.mask_slice[ids]]
+        if mode == "box":
+            batch.boxes = jitter_boxes(self.boxes[ids], rng, self.cfg.box_jitter, extents)
+        else:
+            n_pts = self.cfg.max_pos_points + self.cfg.max_neg_points
+            coords = np.zeros((len(ids), n_pts, 2), np.float32)
+            labels = np.full((len(ids), n_pts), -1, np.int64)
+            for row, m in enumerate(ids):
+                n_pos = int(rng.integers(1, self.cfg.max_pos_points + 1))
+                n_neg = int(rng.integers(0, self.cfg.max_neg_points + 1))
+                c, lab = sample_points(self.ds.masks[m], rng, n_pos, n_neg,
+                                       extent=tuple(extents[row]))
+                coords[row, :len(lab)] = c
+                labels[row, :len(lab)] = lab
+            batch.point_coords, batch.point_labels = coords, labels
+        return batch
+
+    def _text(self, ids: np.ndarray) -> np.ndarray:
+        return np.array([self.text_index[self.ds.categories[m]] for m in ids], np.int64)
