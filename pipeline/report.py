@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from segmote_core.fileio import atomic_write
 
 __all__ = ["REPORT_COLUMNS", "case_row", "write_report", "read_report", "write_review_queue"]
 
@@ -36,17 +36,6 @@ def case_row(case: str, status: str, *, error: str = "", slices: int = 0, second
             "shape": "x".join(str(int(s)) for s in shape), "labels": labels}
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(out: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Write ``OUT/report.parquet`` (``report.csv`` when no parquet engine is installed).
 
@@ -60,11 +49,11 @@ def write_report(out: str | Path, rows: list[dict[str, Any]]) -> Path:
     try:
         import pyarrow  # noqa: F401
 
-        _atomic(target, lambda tmp: df.to_parquet(tmp, index=False))
+        atomic_write(target, lambda tmp: df.to_parquet(tmp, index=False))
     except ImportError:
         log.warning("pyarrow is not installed: writing the report as CSV")
         target = out / "report.csv"
-        _atomic(target, lambda tmp: df.to_csv(tmp, index=False))
+        atomic_write(target, lambda tmp: df.to_csv(tmp, index=False))
     return target
 
 
@@ -95,7 +84,7 @@ def write_review_queue(out: str | Path, rows: list[dict[str, Any]],
     df = df.sort_values(["mean_confidence", "min_confidence", "case"], na_position="last")
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     target = out / "review_queue.csv"
-    _atomic(target, lambda tmp: df.to_csv(tmp, index=False))
+    atomic_write(target, lambda tmp: df.to_csv(tmp, index=False))
     return target
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .config import SegMoTEConfig
+from .fileio import atomic_write
 from .modeling import SegMoTE
 
 __all__ = ["CheckpointError", "save_segmote", "load_segmote", "read_checkpoint_info",
@@ -79,21 +78,10 @@ def save_segmote(model: SegMoTE, path: str | Path, *, include_base: bool | None 
         "versions": package_versions(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"segmote": json.dumps(info)}))
-    _atomic(path.with_suffix(".json"),
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"segmote": json.dumps(info)}))
+    atomic_write(path.with_suffix(".json"),
             lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, sort_keys=True)))
     return path
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:

@@ -304,4 +304,4 @@ class Trainer:
             "seg": f"{res.terms.seg:.6f}", "dice": f"{res.terms.dice:.6f}",
             "balance": f"{res.terms.balance:.6f}",
             "seconds": f"{time.perf_counter() - t0:.4f}"})
-        return float(loss)
+        return float(loss.detach())
