@@ -139,6 +139,16 @@ class SegMoTEPredictor:
         self.input_size = tuple(int(v) for v in inp)
         self._last = None
 
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """The categories ``predict(text=...)`` accepts (the model's training vocabulary)."""
+        return self.model.config.vocabulary if self.model.text_encoder is not None else ()
+
+    def category_index(self, name: str) -> int:
+        if name not in self.categories:
+            raise ValueError(f"unknown category {name!r}; this model knows {list(self.categories)}")
+        return self.categories.index(name)
+
     def model_signature(self) -> dict[str, Any]:
         if self._signature is None:
             self._signature = model_signature(self.model)
@@ -149,7 +159,7 @@ class SegMoTEPredictor:
     def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, mask_input: np.ndarray | None = None,
                 multimask_output: bool = False, auto: bool = False,
-                return_logits: bool = False) -> Prediction:
+                return_logits: bool = False, text: str | None = None) -> Prediction:
         """Predict masks for prompts in original-image pixels.
 
         Args:
@@ -159,6 +169,8 @@ class SegMoTEPredictor:
             multimask_output: the expert mask (if any) followed by SAM's 3 ambiguity masks.
             auto: PPT, prompt-free (no points or box).
             return_logits: masks as float logits instead of bool.
+            text: a category of the model's vocabulary (e.g. ``"white_matter"``): its text
+                token joins the prompt, to say which structure a box means.
         """
         if self.features is None:
             raise RuntimeError("no image set: call set_image() or set_embedding() first")
@@ -178,8 +190,9 @@ class SegMoTEPredictor:
         if mask_input is not None:
             mask_t = torch.as_tensor(np.asarray(mask_input), dtype=torch.float32).reshape(
                 1, 1, *np.asarray(mask_input).shape[-2:])
+        text_ids = None if text is None else torch.tensor([self.category_index(text)])
         masks, out = self.predict_torch(coords, labels, box_t, mask_t, multimask_output, auto,
-                                        return_logits)
+                                        return_logits, text_ids=text_ids)
         return Prediction(
             masks=masks[0].cpu().numpy(), scores=out.iou_predictions[0].float().cpu().numpy(),
             low_res_logits=out.low_res_masks[0].float().cpu().numpy(),
@@ -192,12 +205,13 @@ class SegMoTEPredictor:
     @torch.inference_mode()
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                       multimask_output: bool = False, auto: bool = False,
-                      return_logits: bool = False,
-                      want_heatmaps: bool = False) -> tuple[torch.Tensor, DecoderOutput]:
+                      return_logits: bool = False, want_heatmaps: bool = False,
+                      text_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, DecoderOutput]:
         """Batched prompts already in the resized frame (as SamPredictor.predict_torch).
 
         ``point_coords`` (N, P, 2), ``point_labels`` (N, P), ``boxes`` (N, 4), ``mask_input``
-        (N, 1, 4h, 4w). Returns masks (N, M, Y, X) at the original size and the raw output.
+        (N, 1, 4h, 4w), ``text_ids`` (N,) vocabulary indices. Returns masks (N, M, Y, X) at the
+        original size and the raw output.
         ``want_heatmaps`` also computes routing heat maps (otherwise done on demand by
         :meth:`routing_heatmaps`, keeping the prompt -> mask path lean).
         """
@@ -211,10 +225,13 @@ class SegMoTEPredictor:
         out = self.model.decode(
             self.features, points=points, boxes=None if boxes is None else boxes.to(dev),
             mask_inputs=None if mask_input is None else mask_input.to(dev), auto=auto,
+            text_ids=text_ids,
             multimask_output=multimask_output, want_heatmaps=want_heatmaps,
             fusion_bf16=self.bf16)
         self._last = out
-        self._last_call = (point_coords, point_labels, boxes, mask_input, multimask_output, auto)
+        self._last_call = (point_coords, point_labels, boxes, mask_input, multimask_output, auto,
+                           False)
+        self._last_text = text_ids
         masks = self.model.sam.postprocess_masks(out.low_res_masks, self.input_size,
                                                  self.original_size)
         return (masks if return_logits else masks > 0.0), out
@@ -224,7 +241,7 @@ class SegMoTEPredictor:
         if self._last is None or not self.model.decoder_ext.use_experts:
             raise RuntimeError("no routing heat maps: predict() with a model that has experts first")
         if self._last.heatmaps is None:  # re-run the last prompt with attention kept
-            self.predict_torch(*self._last_call, want_heatmaps=True)
+            self.predict_torch(*self._last_call, want_heatmaps=True, text_ids=self._last_text)
         heat = self._last.heatmaps[:1].float()
         s = self.model.image_size
         full = F.interpolate(heat, size=(s, s), mode="bilinear", align_corners=False)

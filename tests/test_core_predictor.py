@@ -115,3 +115,20 @@ def test_bf16_encoder_stays_close_to_fp32(tiny_model, rng):
     assert 0 < rel < 0.05
     with pytest.raises(ValueError, match="precision"):
         SegMoTEPredictor(tiny_model, "fp8")
+
+
+def test_text_category_joins_the_prompt(tiny_model, rng):
+    pred = SegMoTEPredictor(tiny_model)
+    assert pred.categories == ("brain", "lesion")
+    _, image = _images(rng)[1]
+    pred.set_image(image, modality="MR")
+    box = np.array([5, 8, 60, 70])
+    plain = pred.predict(box=box)
+    named = pred.predict(box=box, text="lesion")
+    again = pred.predict(box=box, text="lesion")
+    assert named.masks.shape == plain.masks.shape
+    assert not np.array_equal(named.low_res_logits, plain.low_res_logits)
+    np.testing.assert_array_equal(named.low_res_logits, again.low_res_logits)
+    assert pred.routing_heatmaps().shape[0] == 4
+    with pytest.raises(ValueError, match="unknown category"):
+        pred.predict(box=box, text="liver")

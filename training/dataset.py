@@ -27,7 +27,7 @@ from segmote_core.transforms import ResizePad, normalize_intensity, to_tensor_im
 from .selection import Selection, load_selection
 from .cohort_reader import TrainingCase, open_training_cohort
 
-__all__ = ["SliceDataset", "build_slice_dataset", "prepare_image", "prepare_labels"]
+__all__ = ["SliceDataset", "build_slice_dataset", "prepare_image", "prepare_labels", "model_input"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,21 @@ def prepare_image(image: np.ndarray, modality: str, size: int) -> tuple[np.ndarr
     out = np.zeros((3, size, size), np.uint8)
     out[:, :h, :w] = np.clip(resized.numpy() + 0.5, 0, 255).astype(np.uint8)
     return out, (int(h), int(w))
+
+
+def model_input(model, images: np.ndarray | torch.Tensor, extents: np.ndarray) -> torch.Tensor:
+    """(B, 3, S, S) stored pixels + (B, 2) extents -> the encoder input, as the predictor makes it.
+
+    SAM normalises the resized image and pads *after* normalising (the padding is 0 in the
+    normalised space, i.e. the pixel mean), so the padded border here is zeroed after
+    :meth:`SegMoTE.preprocess` as well: training, evaluation and inference see the same input.
+    """
+    x = torch.as_tensor(images, dtype=torch.float32).to(model.device)
+    x = model.preprocess(x)
+    for b, (h, w) in enumerate(np.asarray(extents, dtype=np.int64)):
+        x[b, :, h:, :] = 0
+        x[b, :, :, w:] = 0
+    return x
 
 
 def prepare_labels(labels: np.ndarray, size: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from segmote_core.modeling import ImageFeatures, SegMoTE
 from segmote_core.progress import CancelToken, ProgressCallback, report
 from segmote_core.transforms import ResizePad
 
-from .dataset import SliceDataset
+from .dataset import SliceDataset, model_input
 from .losses import dice_score
 
 __all__ = ["EvalResult", "evaluate_model", "interior_point", "write_report", "MODES"]
@@ -78,7 +78,6 @@ def evaluate_model(model: SegMoTE, dataset: SliceDataset, *, modes: Sequence[str
     if bad:
         raise ValueError(f"unknown evaluation modes {bad}; choose from {MODES}")
     model.eval()
-    dev = model.device
     text_index = ({n: i for i, n in enumerate(model.config.vocabulary)}
                   if model.text_encoder is not None else {})
     resize = ResizePad(model.image_size)
@@ -88,8 +87,7 @@ def evaluate_model(model: SegMoTE, dataset: SliceDataset, *, modes: Sequence[str
     n = dataset.num_slices
     for start in range(0, n, chunk):
         sl = np.arange(start, min(start + chunk, n))
-        images = torch.as_tensor(dataset.images[sl], dtype=torch.float32, device=dev)
-        feats = model.encode(model.preprocess(images))
+        feats = model.encode(model_input(model, dataset.images[sl], dataset.extents[sl]))
         mids = np.flatnonzero(np.isin(dataset.mask_slice, sl))
         for mode in modes:
             if mode == "auto" and model.ppt is None:

@@ -28,6 +28,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from segmote_core.modeling import ImageFeatures, SegMoTE
 from segmote_core.progress import CancelToken, ProgressCallback, report
 
+from .dataset import model_input
+
 __all__ = ["EmbeddingCacheMismatch", "FeatureCache", "encoder_signature", "compute_features",
            "load_or_compute_features"]
 
@@ -50,7 +52,7 @@ def encoder_signature(model: SegMoTE, images: np.ndarray) -> dict[str, str]:
     enc = model.sam.image_encoder.state_dict()
     weights = _sha(v.detach().float().cpu().numpy() for _, v in sorted(enc.items()))
     return {"encoder": weights, "images": _sha([images]), "image_size": str(model.image_size),
-            "interm": str(model.needs_interm), "count": str(len(images))}
+            "interm": str(model.needs_interm), "count": str(len(images)), "padding": "normalised-0"}
 
 
 @dataclass
@@ -115,18 +117,20 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def compute_features(model: SegMoTE, images: np.ndarray, *, batch_size: int = 8,
+def compute_features(model: SegMoTE, images: np.ndarray, extents: np.ndarray, *,
+                     batch_size: int = 8,
                      autocast: bool = False, progress: ProgressCallback | None = None,
                      cancel: CancelToken | None = None) -> FeatureCache:
-    """Run the encoder over (N, 3, S, S) uint8 model-input slices, ``batch_size`` at a time."""
+    """Run the encoder over (N, 3, S, S) uint8 slices with (N, 2) extents, in batches."""
     was_training = model.training
     model.eval()
     embs, interms = [], []
     n = len(images)
     try:
         for start in range(0, n, batch_size):
-            chunk = torch.from_numpy(images[start:start + batch_size]).to(model.device).float()
-            feats = model.encode(model.preprocess(chunk), autocast=autocast)
+            part = slice(start, start + batch_size)
+            feats = model.encode(model_input(model, images[part], extents[part]),
+                                 autocast=autocast)
             embs.append(feats.image_embeddings.to("cpu", torch.float16))
             if feats.interm_embeddings is not None:
                 interms.append(feats.interm_embeddings.to("cpu", torch.float16))
@@ -141,7 +145,8 @@ def compute_features(model: SegMoTE, images: np.ndarray, *, batch_size: int = 8,
     return FeatureCache(emb, interm, encoder_signature(model, images))
 
 
-def load_or_compute_features(model: SegMoTE, images: np.ndarray, path: str | Path | None, *,
+def load_or_compute_features(model: SegMoTE, images: np.ndarray, extents: np.ndarray,
+                             path: str | Path | None, *,
                              batch_size: int = 8, autocast: bool = False,
                              progress: ProgressCallback | None = None,
                              cancel: CancelToken | None = None) -> FeatureCache:
@@ -154,7 +159,7 @@ def load_or_compute_features(model: SegMoTE, images: np.ndarray, path: str | Pat
             return cache
         except EmbeddingCacheMismatch as exc:
             log.warning("%s; recomputing", exc)
-    cache = compute_features(model, images, batch_size=batch_size, autocast=autocast,
+    cache = compute_features(model, images, extents, batch_size=batch_size, autocast=autocast,
                              progress=progress, cancel=cancel)
     if path is not None:
         cache.save(path)

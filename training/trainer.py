@@ -26,7 +26,7 @@ from segmote_core.progress import CancelToken, Cancelled, ProgressCallback
 
 from .checkpointing import (STATE_FILE, TrainPosition, load_matching_weights,
                             load_training_checkpoint, save_training_checkpoint)
-from .dataset import SliceDataset, build_slice_dataset
+from .dataset import SliceDataset, build_slice_dataset, model_input
 from .precompute import FeatureCache, load_or_compute_features
 from .prompts import PromptSampler
 from .step import augment_batch, training_loss
@@ -163,7 +163,7 @@ class Trainer:
             images, m = augment_batch(images, masks.numpy(), batch,
                                       self.dataset.extents[unique], inverse, rng)
             masks = torch.from_numpy(m)
-        x = self.model.preprocess(torch.as_tensor(images, dtype=torch.float32).to(self.device))
+        x = model_input(self.model, images, self.dataset.extents[unique])
         grad = torch.enable_grad() if self.config.phase == "sam" else torch.no_grad()
         with grad:
             feats = self.model.encode(x, autocast=self.autocast)
@@ -179,7 +179,8 @@ class Trainer:
         if self.config.phase != "segmote" or not self.config.cache_embeddings:
             return
         path = Path(self.config.cache_path) if self.config.cache_path else self.out / "embeddings.safetensors"
-        self.cache = load_or_compute_features(self.model, self.dataset.images, path,
+        self.cache = load_or_compute_features(self.model, self.dataset.images,
+                                              self.dataset.extents, path,
                                               autocast=self.autocast, progress=progress,
                                               cancel=cancel)
 

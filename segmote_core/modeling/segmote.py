@@ -87,7 +87,7 @@ class SegMoTE(nn.Module):
                                     num_heads=config.ppt_heads) if config.use_ppt else None)
         self.text_encoder = (build_text_encoder(config.text_encoder, config.vocabulary, dim,
                                                 compute_text_vectors)
-                             if config.use_ppt and config.vocabulary else None)
+                             if config.vocabulary else None)
         self.interm_block = config.preset.global_attn_indexes[0]
         self.apply_freezing()
 
