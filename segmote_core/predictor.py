@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -248,6 +247,3 @@ class SegMoTEPredictor:
         full = full[..., : self.input_size[0], : self.input_size[1]]
         full = F.interpolate(full, size=self.original_size, mode="bilinear", align_corners=False)
         return full[0].cpu().numpy()
-
-    def signature_json(self) -> str:
-        return json.dumps(self.model_signature(), sort_keys=True)
