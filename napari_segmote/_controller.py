@@ -162,12 +162,15 @@ class AnnotatorController:
             else:
                 self.embed([z], then=lambda: self.update_prediction(mask))
             return None
+        before = session.plane(session.current, z).copy()
         result = session.predict(z, mask=mask, **kwargs)
+        L.redraw_changed(self.layers[L.CURRENT], session.current, before,
+                         z if session.is_volume else None)
         self._show(result)
         return result
 
     def _show(self, result: SliceResult | None) -> None:
-        self.layers[L.CURRENT].refresh()
+        """Status line (and heat map) for a result whose mask is already drawn."""
         if result is None:
             self.on_status("no prompt on this slice")
             return

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["POINTS", "BOXES", "CURRENT", "COMMITTED", "HEATMAP", "POSITIVE", "NEGATIVE",
+           "redraw_changed",
            "current_slice", "step_slice", "geometry", "ensure_layers", "show_heatmap",
            "segmote_meta"]
 
@@ -87,6 +88,27 @@ def _single_colour() -> Any:
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "cyan"})
+
+
+def redraw_changed(layer: Any, data: np.ndarray, before: np.ndarray, z: int | None) -> None:
+    """Redraw only the pixels of plane ``z`` of ``data`` that changed since ``before``.
+
+    ``data`` (already updated) is the layer's array; ``z`` is ``None`` for a 2D image. The change
+    goes through ``Labels.data_setitem``, napari's own painting path: it redraws only the
+    changed box (``refresh`` re-slices and re-uploads the whole plane) and lands in the layer's
+    undo history. Falls back to ``refresh`` when the layer holds another array.
+    """
+    if layer.data is not data:
+        layer.refresh()
+        return
+    plane = data if z is None else data[z]
+    ys, xs = np.nonzero(before != plane)
+    if ys.size == 0:
+        return
+    values = plane[ys, xs]
+    plane[ys, xs] = before[ys, xs]  # data_setitem finds the change by comparing with these
+    index = (ys, xs) if z is None else (np.full_like(ys, z), ys, xs)
+    layer.data_setitem(index, values)
 
 
 def show_heatmap(viewer: Any, image_layer: Any, heat: np.ndarray, z: int | None) -> Any:

@@ -99,3 +99,33 @@ def test_mismatched_batch_is_a_clear_error(plain):
     pr = _prompts(plain, 3, "box")
     with pytest.raises(ValueError, match="prompt sets"):
         plain.decode(ImageFeatures(emb, None), boxes=pr["boxes"])
+
+
+def test_grad_mode_path_equals_stock(plain):
+    """Training runs with autograd on: torch.softmax and a fresh positional encoding."""
+    torch.manual_seed(3)
+    emb = _embedding(plain)
+    pr = _prompts(plain, 2, "points+box")
+    with torch.no_grad():
+        ref_masks, ref_iou = _stock(plain, emb, pr["points"], pr["boxes"])
+    assert torch.is_grad_enabled()
+    out = plain.decode(ImageFeatures(emb, None), points=pr["points"], boxes=pr["boxes"])
+    assert (out.low_res_masks - ref_masks).abs().max().item() < TOL
+    assert (out.iou_predictions - ref_iou).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_dense_pe_is_cached_and_follows_the_prompt_encoder(plain):
+    first = plain.dense_pe()
+    assert plain.dense_pe() is first
+    assert torch.equal(first, plain.sam.prompt_encoder.get_dense_pe())
+    matrix = plain.sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    saved = matrix.clone()
+    matrix.mul_(2.0)  # an edit in place (e.g. load_state_dict) must not reuse the old encoding
+    try:
+        changed = plain.dense_pe()
+        assert changed is not first and not torch.equal(changed, first)
+        assert torch.equal(changed, plain.sam.prompt_encoder.get_dense_pe())
+    finally:
+        matrix.copy_(saved)
+    assert torch.equal(plain.dense_pe(), first)

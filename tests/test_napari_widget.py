@@ -224,3 +224,40 @@ def test_segment_volume_propagates_from_prompted_slice(annotator, qtbot, napari_
     assert not np.delete(c.layers[L.CURRENT].data, reached, axis=0).any()
     assert {s.reason for s in c.session.propagation.stops} <= {
         "max_slices", "empty", "no_overlap", "leak"}
+
+
+def test_partial_redraw_shows_what_a_full_refresh_shows(annotator, qtbot):
+    """Prompt changes redraw only the changed pixels; the canvas must match a full refresh."""
+    viewer, widget = annotator
+    c = widget.controller
+    _, ref, _ = make_ct_phantom()
+    z = 12
+    go_to_slice(viewer, c.image_layer, z)
+    current = c.layers[L.CURRENT]
+    viewer.window.show()              # a hidden canvas renders black screenshots
+
+    def cyan_pixels() -> tuple[np.ndarray, int]:
+        for layer in viewer.layers:  # the current object alone on a black canvas (making a
+            if layer.name != L.CURRENT:  # layer visible refreshes it: never touch CURRENT)
+                layer.visible = False
+        shot = viewer.screenshot(canvas_only=True, flash=False)
+        return shot, int((shot[..., 2].astype(int) > 60).sum())
+
+    empty, n0 = cyan_pixels()
+    assert n0 == 0
+    masks = []
+    for label in (5, 3):
+        y, x = bright_centre(ref, label, z)
+        c.layers[L.POINTS].data = np.array([[z, y, x]])   # a moved prompt, as a drag does
+        wait_idle(qtbot, c)
+        masks.append(current.data[z].astype(bool).copy())
+        assert masks[-1].any()
+        partial, n = cyan_pixels()
+        current.refresh()
+        full, n_full = cyan_pixels()
+        assert n > 0 and n == n_full
+        np.testing.assert_array_equal(partial, full)
+    assert (masks[0] != masks[1]).sum() > 100   # the second prompt really redrew something
+    c.layers[L.POINTS].data = np.empty((0, 3))            # no prompt: the mask is cleared
+    wait_idle(qtbot, c)
+    assert not current.data[z].any() and cyan_pixels()[1] == 0

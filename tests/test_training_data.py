@@ -187,3 +187,32 @@ def test_sampler_rejects_categories_outside_vocabulary(tiny_cohort):
     ds = build_slice_dataset(tiny_cohort, image_size=64, split=None)
     with pytest.raises(ValueError, match=r"categories \['lesion'\].*not in the model's vocab"):
         PromptSampler(ds, PromptConfig(), batch_size=2, vocabulary=("core", "disc", "rim"))
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_category_weights_shift_the_draw(tiny_cohort, balance):
+    ds = build_slice_dataset(tiny_cohort, image_size=64, split=None)
+    cats = np.array(ds.categories)
+    target = sorted(set(cats))[0]
+
+    def share(weights):
+        s = PromptSampler(ds, PromptConfig(p_box=1.0, p_points=0.0, p_auto=0.0), batch_size=4,
+                          balance_datasets=balance, category_weights=weights, seed=5)
+        ids = np.concatenate([s.sample(i, 400).mask_ids for i in range(400)])
+        return float((cats[ids] == target).mean())
+
+    plain, heavy = share(None), share({target: 6.0})
+    assert heavy > plain + 0.15
+    if not balance:  # balanced: the dataset is drawn first, the weight acts within it
+        assert heavy > 0.5
+    with pytest.raises(ValueError, match=r"category_weights names \['nerve'\]"):
+        PromptSampler(ds, PromptConfig(), batch_size=2, category_weights={"nerve": 2.0})
+
+
+def test_category_weights_in_yaml_must_be_positive(tmp_path):
+    f = tmp_path / "w.yaml"
+    f.write_text("data: {category_weights: {white_matter: 2.0}}\n")
+    assert dict(load_train_config(f).data.category_weights) == {"white_matter": 2.0}
+    f.write_text("data: {category_weights: {white_matter: 0}}\n")
+    with pytest.raises(ValueError, match="category_weights must be positive"):
+        load_train_config(f)

@@ -44,6 +44,7 @@ log = logging.getLogger("training.make_demo_model")
 ROOT = Path(__file__).resolve().parent.parent
 ABLATIONS = {"no_mote": {"model.num_expert_tokens": 0},
              "no_ppt": {"model.num_ppt_queries": 0}}
+_TRAINED_NOW: set[str] = set()  # the trainings this invocation ran (not skipped)
 
 
 def _config_path(name: str) -> Path:
@@ -63,6 +64,7 @@ def _train(config_name: str, work: Path, out: str, overrides: dict[str, Any]) ->
     if final.is_file():
         log.info("%s exists: skipping", final)
         return final
+    _TRAINED_NOW.add(out)
     cfg = load_train_config(_config_path(config_name),
                             {"output_dir": str((work / out).resolve()), **overrides})
     t0 = time.perf_counter()
@@ -131,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             path = _train("demo_phase2.yaml", work, f"ablation_{name}",
                           {**data, "init_checkpoint": str(phase1.resolve()), **extra})
             rows[name] = _evaluate(path, cohort, selection, work / f"eval_{name}", name)
+            keep = args.docs / f"ablation_{name}"
+            keep.mkdir(parents=True, exist_ok=True)
+            for table in ("tables.md", "table_categories.csv"):
+                shutil.copy(work / f"eval_{name}" / table, keep / table)
         _write_ablation(rows, args.docs / "ablation.md", work)
-    (args.docs / "training_minutes.json").write_text(json.dumps({
-        "phase1": float((work / "phase1" / "minutes.txt").read_text()),
-        "phase2": float((work / "phase2" / "minutes.txt").read_text()),
-        "demo_total_this_run": round(minutes, 2)}, indent=2))
+    if _TRAINED_NOW & {"phase1", "phase2"}:  # a rerun that only adds ablations keeps the record
+        (args.docs / "training_minutes.json").write_text(json.dumps({
+            "phase1": float((work / "phase1" / "minutes.txt").read_text()),
+            "phase2": float((work / "phase2" / "minutes.txt").read_text()),
+            "demo_total_this_run": round(minutes, 2)}, indent=2))
     for src in (work / "phase1" / "metrics.csv", work / "phase2" / "metrics.csv"):
         shutil.copy(src, args.docs / f"{src.parent.name}_metrics.csv")
     return 0

@@ -19,6 +19,7 @@ so a resumed run draws exactly what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -140,6 +141,7 @@ class PromptSampler:
         vocabulary: the model's text vocabulary (category -> index); empty: no text tokens.
         use_auto: the model has PPT (else auto steps are redistributed to box/points).
         balance_datasets: draw the dataset uniformly, then a mask of it.
+        category_weights: relative weight of each category's masks in the draw (others 1.0).
         masks_per_slice: each drawn mask brings up to this many - 1 other masks of its slice
             (same pool), so one encoder pass supervises several masks (end-to-end phase).
         seed: base seed; step ``s`` uses ``default_rng((seed, s))``.
@@ -148,7 +150,7 @@ class PromptSampler:
     def __init__(self, dataset: SliceDataset, config: PromptConfig, *, batch_size: int,
                  vocabulary: tuple[str, ...] = (), use_auto: bool = True,
                  balance_datasets: bool = True, masks_per_slice: int = 1,
-                 seed: int = 0) -> None:
+                 category_weights: Mapping[str, float] | None = None, seed: int = 0) -> None:
         self.ds = dataset
         self.cfg = config
         self.batch_size = batch_size
@@ -165,6 +167,13 @@ class PromptSampler:
                 raise ValueError(f"categories {unknown} of {dataset.source} are not in the model's "
                                  f"vocabulary {list(vocabulary)}")
         self.boxes = mask_boxes(dataset.masks)
+        weights = dict(category_weights or {})
+        unknown = sorted(set(weights) - set(dataset.categories))
+        if unknown:
+            raise ValueError(f"category_weights names {unknown}, which {dataset.source} does not "
+                             f"have; its categories: {sorted(set(dataset.categories))}")
+        self.mask_weight = (np.array([weights.get(c, 1.0) for c in dataset.categories], float)
+                            if weights else None)
         self.mask_dataset = np.array([dataset.datasets[s] for s in dataset.mask_slice])
         all_ids = np.arange(dataset.num_masks)
         self.pools = {
@@ -176,15 +185,22 @@ class PromptSampler:
                           config.p_auto if (use_auto and self.pools["auto"].size) else 0.0])
         self.mode_probs = probs / probs.sum()
 
+    def _pick(self, pool: np.ndarray, rng: np.random.Generator, n: int | None = None):
+        if self.mask_weight is None:
+            return rng.choice(pool, n)
+        w = self.mask_weight[pool]
+        return rng.choice(pool, n, p=w / w.sum())
+
     def _draw(self, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         per = self.masks_per_slice
         n = -(-self.batch_size // per)
         if not self.balance:
-            anchors = rng.choice(pool, n)
+            anchors = self._pick(pool, rng, n)
         else:
             names = self.mask_dataset[pool]
             groups = [pool[names == g] for g in np.unique(names)]
-            anchors = np.array([rng.choice(groups[g]) for g in rng.integers(0, len(groups), n)])
+            anchors = np.array([self._pick(groups[g], rng)
+                                for g in rng.integers(0, len(groups), n)])
         if per == 1:
             return anchors
         slice_of = self.ds.mask_slice

@@ -36,6 +36,8 @@ class DataConfig:
         min_mask_pixels: masks smaller than this (at the model's input size) are dropped.
         balance_datasets: draw each batch item's dataset uniformly, then a mask of it (else
             masks uniformly, so big datasets dominate).
+        category_weights: relative sampling weight per category (others 1.0), e.g.
+            ``{white_matter: 2.0}`` to show a hard, thin structure more often.
     """
 
     cohort: str = ""
@@ -46,6 +48,7 @@ class DataConfig:
     max_slices_per_case: int | None = None
     min_mask_pixels: int = 16
     balance_datasets: bool = True
+    category_weights: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,10 @@ class TrainConfig:
             raise ValueError(f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
         if list(o.lr_milestones) != sorted(o.lr_milestones):
             raise ValueError(f"optim.lr_milestones must be increasing, got {o.lr_milestones}")
+        bad = {k: v for k, v in dict(self.data.category_weights).items()
+               if not isinstance(v, (int, float)) or v <= 0}
+        if bad:
+            raise ValueError(f"data.category_weights must be positive numbers, got {bad}")
         if self.data.slice_stride < 1:
             raise ValueError(f"data.slice_stride must be >= 1, got {self.data.slice_stride}")
         if self.checkpoint_every < 1:

@@ -106,6 +106,7 @@ class Trainer:
             vocabulary=self.model.config.vocabulary if self.model.text_encoder is not None else (),
             use_auto=self.model.ppt is not None and config.phase == "segmote",
             balance_datasets=config.data.balance_datasets,
+            category_weights=config.data.category_weights,
             masks_per_slice=config.optim.masks_per_slice, seed=config.seed)
         self.steps_per_epoch = config.optim.steps_per_epoch or max(
             1, int(np.ceil(self.dataset.num_masks / config.optim.batch_size)))

@@ -108,9 +108,10 @@ class SegMoTEMaskDecoder(nn.Module):
         output_tokens = torch.cat(out_tokens, dim=0).unsqueeze(0).expand(n, -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
-        src = image_embeddings if b == n else torch.repeat_interleave(image_embeddings, n, dim=0)
-        src = src + dense_prompt_embeddings
-        pos_src = torch.repeat_interleave(image_pe, n, dim=0)
+        # One image with N prompt sets: broadcasting gives SAM's repeat_interleave values
+        # without copying the embedding and its positional encoding N times.
+        src = (image_embeddings + dense_prompt_embeddings).expand(n, -1, -1, -1)
+        pos_src = image_pe
         _, c, h, w = src.shape
 
         n_mask = sam_decoder.num_mask_tokens

@@ -89,6 +89,7 @@ class SegMoTE(nn.Module):
                                                 compute_text_vectors)
                              if config.vocabulary else None)
         self.interm_block = config.preset.global_attn_indexes[0]
+        self._dense_pe: tuple[tuple, Tensor] | None = None
         self.apply_freezing()
 
     # ----------------------------------------------------------------------------- setup
@@ -169,6 +170,22 @@ class SegMoTE(nn.Module):
         return features
 
     # ----------------------------------------------------------------------------- decoder
+    def dense_pe(self) -> Tensor:
+        """SAM's dense positional encoding (1, C, h, w), kept between prompts at inference.
+
+        It depends only on the prompt encoder's random-feature matrix, yet SAM recomputes it
+        (sin/cos over the whole grid) for every prompt; the cache is keyed on that buffer's
+        identity and version counter, so a new or edited matrix recomputes it.
+        """
+        pe = self.sam.prompt_encoder
+        if torch.is_grad_enabled():
+            return pe.get_dense_pe()
+        matrix = pe.pe_layer.positional_encoding_gaussian_matrix
+        key = (matrix.data_ptr(), matrix._version, matrix.device, matrix.dtype)
+        if self._dense_pe is None or self._dense_pe[0] != key:
+            self._dense_pe = (key, pe.get_dense_pe())
+        return self._dense_pe[1]
+
     def decode(
         self,
         features: ImageFeatures,
@@ -220,7 +237,7 @@ class SegMoTE(nn.Module):
         if emb.shape[0] not in (1, n):
             raise ValueError(f"{emb.shape[0]} images but {n} prompt sets")
 
-        raw = self.decoder_ext(self.sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense,
+        raw = self.decoder_ext(self.sam.mask_decoder, emb, self.dense_pe(), sparse, dense,
                                features.interm_embeddings, want_attention=want_heatmaps,
                                hq_features=features.hq, fusion_bf16=fusion_bf16)
         return self._finish(raw, multimask_output, want_heatmaps, emb.shape[-2:])
