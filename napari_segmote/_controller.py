@@ -51,14 +51,36 @@ class AnnotatorController:
         self._muted = False
         self._pending: Callable[[], Any] | None = None
         self.on_status: Callable[[str], None] = lambda text: None
+        self.on_model: Callable[[SegMoTE], None] = lambda model: None
+        self.category: str | None = None
 
     # ------------------------------------------------------------------ setup
     def set_model(self, model: SegMoTE) -> None:
         self.model = model.eval()
         self.predictor = SegMoTEPredictor(model)
         self.session = None
+        self.category = None
+        self.on_model(model)
         self.on_status(f"model ready: {model.config.model_type}, "
                        f"{model.config.num_experts} experts")
+
+    def categories(self) -> tuple[str, ...]:
+        """The loaded model's text vocabulary (empty without a text guide)."""
+        return self.predictor.categories if self.predictor is not None else ()
+
+    def set_category(self, name: str | None) -> None:
+        """Text guide for the prompts (which structure a box or point means); ``None``: off.
+
+        Re-runs the decoder when the current slice has prompts.
+        """
+        if name is not None and name not in self.categories():
+            raise ValueError(f"unknown category {name!r}; this model knows "
+                             f"{list(self.categories())}")
+        self.category = name
+        if self.session is not None and self.image_layer is not None:
+            p = self.prompts()
+            if p["points"] is not None or p["box"] is not None:
+                self.update_prediction()
 
     def start(self, image_layer: Any, modality: str = "auto", window: Any = None,
               cache_dir: str | None = None) -> AnnotationSession:
@@ -163,7 +185,7 @@ class AnnotatorController:
                 self.embed([z], then=lambda: self.update_prediction(mask))
             return None
         before = session.plane(session.current, z).copy()
-        result = session.predict(z, mask=mask, **kwargs)
+        result = session.predict(z, mask=mask, text=self.category, **kwargs)
         L.redraw_changed(self.layers[L.CURRENT], session.current, before,
                          z if session.is_volume else None)
         self._show(result)

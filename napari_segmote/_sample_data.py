@@ -65,7 +65,11 @@ def make_ct_phantom(shape: tuple[int, int, int] = (24, 128, 128), seed: int = 0
 
 
 def make_dermoscopy_phantom(size: int = 192, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A synthetic dermoscopy image ``(Y, X, 3)`` uint8 with a dark lesion, and its mask ``(Y, X)``."""
+    """A synthetic dermoscopy image ``(Y, X, 3)`` uint8 with a dark lesion, and its mask ``(Y, X)``.
+
+    Like a dermatoscope's picture (and the demo model's training phantoms), the field of view
+    is a bright disc that darkens to a black vignette in the corners.
+    """
     if size < 32:
         raise ValueError(f"size must be >= 32, got {size}")
     yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
@@ -75,6 +79,7 @@ def make_dermoscopy_phantom(size: int = 192, seed: int = 0) -> tuple[np.ndarray,
     img = np.empty((size, size, 3), dtype=np.float32)
     img[:] = (224.0, 182.0, 156.0)
     img[lesion] = (118.0, 72.0, 52.0)
+    img *= np.clip(1.15 - (np.hypot(yy, xx) / 1.04) ** 4, 0.05, 1.0)[..., None]
     rng = np.random.default_rng(seed)
     img += rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8), lesion.astype(np.uint8)

@@ -154,7 +154,7 @@ class AnnotationSession:
     # ------------------------------------------------------------------ prompting
     def predict(self, z: int, points: np.ndarray | None = None, labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, mask: np.ndarray | None = None,
-                auto: bool = False) -> SliceResult | None:
+                auto: bool = False, text: str | None = None) -> SliceResult | None:
         """Run the decoder on slice ``z`` and write the mask into ``current[z]``.
 
         Args:
@@ -162,6 +162,7 @@ class AnnotationSession:
             box: (4,) XYXY pixels.
             mask: (Y, X) binary mask prompt (e.g. an object of another Labels layer).
             auto: PPT, prompt-free.
+            text: a category of the model's vocabulary, the text guide beside the prompt.
         Returns:
             The result, or ``None`` when there is no prompt (``current[z]`` is then cleared).
         Raises:
@@ -186,7 +187,7 @@ class AnnotationSession:
             point_coords=np.asarray(points, np.float32) if has_points else None,
             point_labels=np.asarray(labels) if has_points else None,
             box=None if box is None else np.asarray(box, np.float32),
-            mask_input=mask_input, auto=auto and not has_points and box is None)
+            mask_input=mask_input, auto=auto and not has_points and box is None, text=text)
         result = SliceResult(z, pred.masks[0].astype(bool), float(pred.scores[0]), pred.expert,
                              pred.expert_token, pred.confidence)
         self.plane(self.current, z)[:] = result.mask

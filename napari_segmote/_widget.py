@@ -56,6 +56,10 @@ class SegMoTEWidget(Container):
         self.embed_volume_button = PushButton(text="Embed volume")
         self.cancel_button = PushButton(text="Cancel")
         self.negative = CheckBox(text="negative points (Shift-T)")
+        self.category = ComboBox(
+            label="category", choices=self._categories, nullable=True,
+            tooltip="text guide: which structure the box or points mean (the model's "
+                    "vocabulary), e.g. white matter rather than the whole brain")
         self.commit_button = PushButton(text="Commit (Shift-C)")
         self.clear_button = PushButton(text="Clear (Shift-X)")
         self.undo_button = PushButton(text="Undo (Shift-U)")
@@ -81,7 +85,7 @@ class SegMoTEWidget(Container):
             self.model_type, self.load_button, self.modality, self.window, self.cache_dir,
             self.start_button,
             row(self.embed_slice_button, self.embed_volume_button, self.cancel_button),
-            self.negative,
+            self.negative, self.category,
             row(self.commit_button, self.clear_button, self.undo_button),
             row(self.next_button, self.propagate_button), self.max_slices,
             row(self.auto_slice_button, self.auto_volume_button),
@@ -93,6 +97,7 @@ class SegMoTEWidget(Container):
     def _connect(self) -> None:
         c = self.controller
         c.on_status = self._set_status
+        c.on_model = lambda _model: self.category.reset_choices()
         g = self._guard
         self.source.changed.connect(self._on_source)
         self.load_button.clicked.connect(g(self.load_model))
@@ -101,6 +106,7 @@ class SegMoTEWidget(Container):
         self.embed_volume_button.clicked.connect(g(lambda: c.embed(None)))
         self.cancel_button.clicked.connect(g(c.cancel))
         self.negative.changed.connect(g(c.set_negative))
+        self.category.changed.connect(g(c.set_category))
         self.commit_button.clicked.connect(g(c.commit))
         self.clear_button.clicked.connect(g(c.clear))
         self.undo_button.clicked.connect(g(c.undo))
@@ -142,6 +148,9 @@ class SegMoTEWidget(Container):
     def _image_layers(self, _widget: Any = None) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in self.viewer.layers
                 if layer.__class__.__name__ == "Image" and not layer.name.startswith("SegMoTE")]
+
+    def _categories(self, _widget: Any = None) -> list[str]:
+        return list(self.controller.categories())
 
     def _labels_layers(self, _widget: Any = None) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in self.viewer.layers

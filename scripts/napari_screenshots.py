@@ -89,7 +89,11 @@ def main() -> None:
     viewer.dims.set_point(0, z * spacing[0])
     widget.embed_volume_button.clicked.emit()
     _wait(app, c)
-    # 1: a positive point on the liver, a negative one outside, and the predicted mask
+    def category(name: str) -> None:  # the text guide, when the model knows the category
+        widget.category.value = name if name in c.categories() else None
+
+    # 1: a positive point on the liver, a negative one outside, the category "liver", the mask
+    category("liver")
     c.layers[L.POINTS].add([centre(3, z)])
     widget.negative.value = True
     c.layers[L.POINTS].add([[z, 20.0, 64.0]])
@@ -97,14 +101,16 @@ def main() -> None:
     _wait(app, c)
     viewer.screenshot(str(args.out / "napari_point_prompt.png"), canvas_only=False, flash=False)
     widget.commit_button.clicked.emit()
-    # 2: a box around the kidney, with the routing heat map of the selected expert
+    # 2: a box around the left lung ("lung"), with the routing heat map of the selected expert
     widget.heatmap.value = True
-    ys, xs = np.nonzero(ref[z] == 5)
+    category("lung")
+    ys, xs = np.nonzero(ref[z] == 1)
     y0, y1, x0, x1 = ys.min() - 2, ys.max() + 2, xs.min() - 2, xs.max() + 2
     c.layers[L.BOXES].add_rectangles([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]])
     _wait(app, c)
     viewer.screenshot(str(args.out / "napari_box_heatmap.png"), canvas_only=False, flash=False)
     widget.commit_button.clicked.emit()
+    category("")
     viewer.layers[L.HEATMAP].visible = False
     viewer.screenshot(str(args.out / "napari_committed.png"), canvas_only=False, flash=False)
 

@@ -110,7 +110,10 @@ def test_sample_data_is_deterministic():
     assert a[la == 5].mean() > 200 and a[la == 1].mean() < -700
     img, mask = make_dermoscopy_phantom()
     assert img.shape == (192, 192, 3) and img.dtype == np.uint8
-    assert img[mask == 1].mean() < img[mask == 0].mean() - 60
+    yy, xx = np.mgrid[:192, :192]
+    field = np.hypot(yy - 95.5, xx - 95.5) < 0.6 * 96   # the bright disc of the dermatoscope
+    assert img[mask == 1].mean() < img[field & (mask == 0)].mean() - 60
+    assert img[:12, :12].mean() < 30 and img[field & (mask == 0)].mean() > 150  # the vignette
 
 
 def test_store_keeps_memory_bounded_over_a_disk_cache(tmp_path):

@@ -261,3 +261,38 @@ def test_partial_redraw_shows_what_a_full_refresh_shows(annotator, qtbot):
     c.layers[L.POINTS].data = np.empty((0, 3))            # no prompt: the mask is cleared
     wait_idle(qtbot, c)
     assert not current.data[z].any() and cyan_pixels()[1] == 0
+
+
+def test_category_text_guide_reaches_the_decoder(make_napari_viewer, qtbot):
+    """The category combo lists the model's vocabulary; its text token joins the prompt."""
+    import torch
+
+    from segmote_core import SegMoTEConfig, build_segmote
+
+    torch.manual_seed(4)
+    model = build_segmote(SegMoTEConfig(model_type="tiny", vocabulary=("kidney", "liver")))
+    viewer = make_napari_viewer()
+    viewer.open_sample("segmote", "ct_phantom")
+    _, widget = viewer.window.add_plugin_dock_widget("segmote", "SegMoTE annotator")
+    c = widget.controller
+    c.set_model(model)
+    assert list(widget.category.choices) == [None, "kidney", "liver"]
+    widget.image.value = viewer.layers["CT phantom"]
+    widget.modality.value = "CT"
+    widget.start()
+    vol, ref, _ = make_ct_phantom()
+    z = 12
+    go_to_slice(viewer, c.image_layer, z)
+    y, x = bright_centre(ref, 3, z)
+    _prompt(c, qtbot, z, y, x)
+    prompt = dict(point_coords=np.array([[x, y]]), point_labels=np.array([1]))
+    plain = _expected(model, vol[z], **prompt)
+    np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), plain)
+    for name in ("liver", "kidney"):
+        widget.category.value = name          # re-runs the decoder on the current prompts
+        guided = _expected(model, vol[z], text=name, **prompt)
+        np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), guided)
+    assert (_expected(model, vol[z], text="liver", **prompt)
+            != _expected(model, vol[z], text="kidney", **prompt)).any()
+    widget.category.value = None
+    np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), plain)
