@@ -20,10 +20,15 @@ def napari_model():
 @pytest.fixture
 def annotator(make_napari_viewer, napari_model, qtbot):
     """(viewer, widget) with the CT phantom open, the model set and annotation started."""
+    return open_annotator(make_napari_viewer, napari_model)
+
+
+def open_annotator(make_napari_viewer, model):
+    """A viewer with the CT phantom and the dock widget annotating it with ``model``."""
     viewer = make_napari_viewer()
     viewer.open_sample("segmote", "ct_phantom")
     _, widget = viewer.window.add_plugin_dock_widget("segmote", "SegMoTE annotator")
-    widget.controller.set_model(napari_model)
+    widget.controller.set_model(model)
     widget.image.value = viewer.layers["CT phantom"]
     widget.modality.value = "CT"
     widget.start()

@@ -10,7 +10,8 @@ from segmote_core import SegMoTEPredictor
 from napari_segmote import _layers as L
 from napari_segmote._sample_data import make_ct_phantom
 
-from conftest_napari import annotator, bright_centre, go_to_slice, napari_model, wait_idle  # noqa: F401
+from conftest_napari import (annotator, bright_centre, go_to_slice, napari_model,  # noqa: F401
+                             open_annotator, wait_idle)
 
 pytestmark = pytest.mark.gui
 
@@ -271,15 +272,9 @@ def test_category_text_guide_reaches_the_decoder(make_napari_viewer, qtbot):
 
     torch.manual_seed(4)
     model = build_segmote(SegMoTEConfig(model_type="tiny", vocabulary=("kidney", "liver")))
-    viewer = make_napari_viewer()
-    viewer.open_sample("segmote", "ct_phantom")
-    _, widget = viewer.window.add_plugin_dock_widget("segmote", "SegMoTE annotator")
+    viewer, widget = open_annotator(make_napari_viewer, model)
     c = widget.controller
-    c.set_model(model)
     assert list(widget.category.choices) == [None, "kidney", "liver"]
-    widget.image.value = viewer.layers["CT phantom"]
-    widget.modality.value = "CT"
-    widget.start()
     vol, ref, _ = make_ct_phantom()
     z = 12
     go_to_slice(viewer, c.image_layer, z)

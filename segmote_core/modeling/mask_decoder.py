@@ -111,14 +111,13 @@ class SegMoTEMaskDecoder(nn.Module):
         # One image with N prompt sets: broadcasting gives SAM's repeat_interleave values
         # without copying the embedding and its positional encoding N times.
         src = (image_embeddings + dense_prompt_embeddings).expand(n, -1, -1, -1)
-        pos_src = image_pe
         _, c, h, w = src.shape
 
         n_mask = sam_decoder.num_mask_tokens
         expert_slice = slice(1 + n_mask, 1 + n_mask + self.num_expert_tokens)
         result = run_two_way_transformer(
             sam_decoder.transformer, self.routers if self.use_experts else None,
-            src, pos_src, tokens, expert_slice, want_attention and self.use_experts,
+            src, image_pe, tokens, expert_slice, want_attention and self.use_experts,
         )
         hs = result.queries
         iou_token_out = hs[:, 0, :]

@@ -36,10 +36,14 @@ def attention_probs(attn: Attention, q: Tensor, k: Tensor) -> Tensor:
 
     Returns (B, heads, N_q, N_k). Used only for routing heat maps (SPEC 1.2 step 8).
     """
+    return _softmax_last(_scores(attn, q, k))
+
+
+def _scores(attn: Attention, q: Tensor, k: Tensor) -> Tensor:
+    """SAM's scaled attention logits (B, heads, N_q, N_k) before the softmax."""
     qh = attn._separate_heads(attn.q_proj(q), attn.num_heads)
     kh = attn._separate_heads(attn.k_proj(k), attn.num_heads)
-    scores = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
-    return torch.softmax(scores, dim=-1)
+    return qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
 
 
 def _softmax_last(scores: Tensor) -> Tensor:
@@ -56,11 +60,8 @@ def _softmax_last(scores: Tensor) -> Tensor:
 
 def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """SAM's ``Attention.forward`` with its own weights and arithmetic (faster softmax)."""
-    qh = attn._separate_heads(attn.q_proj(q), attn.num_heads)
-    kh = attn._separate_heads(attn.k_proj(k), attn.num_heads)
     vh = attn._separate_heads(attn.v_proj(v), attn.num_heads)
-    scores = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
-    return attn.out_proj(attn._recombine_heads(_softmax_last(scores) @ vh))
+    return attn.out_proj(attn._recombine_heads(_softmax_last(_scores(attn, q, k)) @ vh))
 
 
 def _block_forward(block: TwoWayAttentionBlock, router: MoTERouter | None, queries: Tensor,
