@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest_training import tiny_cohort  # noqa: F401  (fixture)
 from segmote_core.checkpoint import load_segmote, read_checkpoint_info
 from segmote_core.config import SegMoTEConfig
 from segmote_core.progress import CancelToken, Cancelled

@@ -14,7 +14,7 @@ from napari_segmote import _layers as L
 from napari_segmote._models import DEMO
 from napari_segmote._sample_data import make_dermoscopy_phantom
 
-from conftest_napari import wait_idle
+from tests.napari.helpers import wait_idle
 
 pytestmark = [pytest.mark.gui, pytest.mark.skipif(
     not demo_model_path().is_file(), reason="the bundled demo model is not built yet")]

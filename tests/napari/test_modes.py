@@ -11,7 +11,7 @@ from napari_segmote import _layers as L
 from napari_segmote._sample_data import make_ct_phantom, make_dermoscopy_phantom
 from napari_segmote._session import mask_to_logits
 
-from conftest_napari import annotator, go_to_slice, napari_model, wait_idle  # noqa: F401
+from tests.napari.helpers import go_to_slice, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -26,12 +26,12 @@ def notifications():
     notification_manager.notification_ready.disconnect(seen.append)
 
 
-def test_rgb_box_prompt(make_napari_viewer, qtbot, napari_model):
+def test_rgb_box_prompt(make_napari_viewer, qtbot, tiny_model_shared):
     viewer = make_napari_viewer()
     viewer.open_sample("segmote", "dermoscopy_phantom")
     _, widget = viewer.window.add_plugin_dock_widget("segmote", "SegMoTE annotator")
     c = widget.controller
-    c.set_model(napari_model)
+    c.set_model(tiny_model_shared)
     widget.image.value = viewer.layers["Dermoscopy phantom"]
     widget.start()
     assert c.session.rgb and not c.session.is_volume
@@ -39,7 +39,7 @@ def test_rgb_box_prompt(make_napari_viewer, qtbot, napari_model):
     ys, xs = np.nonzero(lesion)
     c.layers[L.BOXES].add_rectangles([[ys.min(), xs.min()], [ys.max(), xs.max()]])
     wait_idle(qtbot, c)
-    p = SegMoTEPredictor(napari_model)
+    p = SegMoTEPredictor(tiny_model_shared)
     p.set_image(img, modality="DERM")
     expected = p.predict(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()])).masks[0]
     current = c.layers[L.CURRENT].data
@@ -49,7 +49,7 @@ def test_rgb_box_prompt(make_napari_viewer, qtbot, napari_model):
     assert c.layers[L.COMMITTED].data.max() == 1
 
 
-def test_refine_object_of_labels_layer_and_heatmap(annotator, qtbot, napari_model):
+def test_refine_object_of_labels_layer_and_heatmap(annotator, qtbot, tiny_model_shared):
     viewer, widget = annotator
     c = widget.controller
     vol, ref, _ = make_ct_phantom()
@@ -60,9 +60,9 @@ def test_refine_object_of_labels_layer_and_heatmap(annotator, qtbot, napari_mode
     widget.refine_id.value = 5
     widget.refine_button.clicked.emit()
     wait_idle(qtbot, c)
-    p = SegMoTEPredictor(napari_model)
+    p = SegMoTEPredictor(tiny_model_shared)
     p.set_image(vol[z], modality="CT", window="soft_tissue")
-    cfg = napari_model.config
+    cfg = tiny_model_shared.config
     logits = mask_to_logits(ref[z] == 5, cfg.resolved_image_size, 4 * cfg.embedding_size)
     pred = p.predict(mask_input=logits)
     np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), pred.masks[0])
@@ -85,14 +85,14 @@ def test_mask_to_logits_matches_geometry():
     assert logits[0, 8:12, :28].max() < 0               # left of it
 
 
-def test_errors_become_notifications(make_napari_viewer, notifications, napari_model):
+def test_errors_become_notifications(make_napari_viewer, notifications, tiny_model_shared):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((4, 8, 8, 8), np.float32), name="4d")
     _, widget = viewer.window.add_plugin_dock_widget("segmote", "SegMoTE annotator")
     widget.start_button.clicked.emit()                  # no model yet
     widget.commit_button.native.click()                 # no session yet (a real click)
     widget.embed_slice_button.native.click()
-    widget.controller.set_model(napari_model)
+    widget.controller.set_model(tiny_model_shared)
     widget.image.value = viewer.layers["4d"]
     widget.start_button.clicked.emit()                  # 4D: not a 2D/3D image
     messages = [str(n.message) for n in notifications]

@@ -15,7 +15,7 @@ from pipeline.store import OutputStore, SignatureMismatch
 from pipeline.worker import ModelSpec, SegmentWorker, SliceTask
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort
-from test_pipeline_support import make_cohort, tiny_checkpoint
+from tests.pipeline.support import make_cohort, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ from napari_segmote import _layers as L
 from napari_segmote._reader import napari_get_reader
 from napari_segmote._sample_data import make_ct_phantom
 
-from conftest_napari import napari_model  # noqa: F401
-
 pytestmark = pytest.mark.gui
 
 #: an oblique, LPS-flipped affine with an offset: a writer that drops it cannot pass
@@ -39,7 +37,7 @@ def test_reader_declines_unknown_files(tmp_path):
 
 
 def test_nifti_read_annotate_write_keeps_affine(make_napari_viewer, nifti_ct, tmp_path,
-                                                napari_model):
+                                                tiny_model_shared):
     path, vol, ref = nifti_ct
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(path), plugin="segmote")
@@ -48,7 +46,7 @@ def test_nifti_read_annotate_write_keeps_affine(make_napari_viewer, nifti_ct, tm
     meta = layer.metadata["segmote"]
     assert meta["modality"] == "CT"
     _, widget = viewer.window.add_plugin_dock_widget("segmote", "SegMoTE annotator")
-    widget.controller.set_model(napari_model)
+    widget.controller.set_model(tiny_model_shared)
     widget.image.value = layer
     session = widget.start()
     session.current[4:8][ref[4:8] == 3] = 1

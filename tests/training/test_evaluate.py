@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest_training import tiny_cohort  # noqa: F401  (fixture)
 from segmote_core.build import build_segmote
 from segmote_core.checkpoint import save_segmote
 from segmote_core.config import SegMoTEConfig

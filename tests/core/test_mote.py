@@ -128,9 +128,9 @@ def test_images_of_one_batch_select_different_tokens_and_experts():
     assert routing.selected_token.tolist() == [3, 0] and routing.selected_expert.tolist() == [3, 1]
 
 
-def test_update_replaces_expert_tokens_inside_the_block(tiny_model):
+def test_update_replaces_expert_tokens_inside_the_block(tiny_model_256):
     """After a block, the expert tokens are exactly the router's output (no residual)."""
-    model = tiny_model.eval()
+    model = tiny_model_256.eval()
     block = model.sam.mask_decoder.transformer.layers[1]
     router = model.decoder_ext.routers[1]
     n_tok, s = 9 + 4 + 2, model.config.embedding_size
@@ -148,8 +148,8 @@ def test_update_replaces_expert_tokens_inside_the_block(tiny_model):
     assert not torch.allclose(out_q[:, :5], q[:, :5])
 
 
-def test_balance_loss_sums_both_blocks(tiny_model):
-    model = tiny_model.eval()
+def test_balance_loss_sums_both_blocks(tiny_model_256):
+    model = tiny_model_256.eval()
     s = model.config.embedding_size
     feats = ImageFeatures(torch.randn(3, 128, s, s), torch.randn(3, s, s, 192))
     out = model.decode(feats, boxes=torch.tensor([[10.0, 10, 100, 100]] * 3))
@@ -160,11 +160,11 @@ def test_balance_loss_sums_both_blocks(tiny_model):
     assert torch.equal(out.selected_token, out.routings[-1].selected_token)
 
 
-def test_expert_mask_is_selected_token_dot_fused_features(tiny_model):
+def test_expert_mask_is_selected_token_dot_fused_features(tiny_model_256):
     """SPEC 1.1: the selected token's own hypernetwork . (fusion(upscaled) + HQ features)."""
     from segmote_core.modeling.transformer import run_two_way_transformer
 
-    m = tiny_model.eval()
+    m = tiny_model_256.eval()
     torch.manual_seed(3)
     f = ImageFeatures(torch.randn(3, 128, 32, 32), torch.randn(3, 32, 32, 192))
     boxes = torch.tensor([[10.0, 10, 100, 100], [20, 30, 200, 220], [0, 0, 255, 255]])

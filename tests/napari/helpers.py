@@ -1,26 +1,8 @@
-"""Fixtures of the napari plugin tests (imported by tests/test_napari_*.py)."""
+"""Helpers of the napari plugin tests: open the annotator, wait for its worker, move the slider."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
-
-from segmote_core import SegMoTEConfig, build_segmote
-
-
-@pytest.fixture(scope="session")
-def napari_model():
-    """A random-weight tiny SegMoTE (masks are not meaningful; the plumbing is)."""
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    return build_segmote(SegMoTEConfig(model_type="tiny"))
-
-
-@pytest.fixture
-def annotator(make_napari_viewer, napari_model, qtbot):
-    """(viewer, widget) with the CT phantom open, the model set and annotation started."""
-    return open_annotator(make_napari_viewer, napari_model)
 
 
 def open_annotator(make_napari_viewer, model):

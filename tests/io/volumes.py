@@ -1,25 +1,8 @@
-"""Fixtures of the medical I/O, cache and volume tests (imported by tests/test_medical_*.py)."""
+"""Synthetic volumes and an encoder-call counter shared by the I/O, cache and volume tests."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
-
-from segmote_core import SegMoTEConfig, SegMoTEPredictor, build_segmote
-
-
-@pytest.fixture(scope="session")
-def tiny_model():
-    """A random-weight tiny SegMoTE at 128 px input (cheap on 2 CPU cores)."""
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    return build_segmote(SegMoTEConfig(model_type="tiny", image_size=128)).eval()
-
-
-@pytest.fixture
-def predictor(tiny_model):
-    return SegMoTEPredictor(tiny_model, precision="fp32")
 
 
 def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, float, float],

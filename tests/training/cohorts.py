@@ -1,4 +1,4 @@
-"""Fixtures for the training tests: a tiny labelled cohort written to disk (SPEC 2.1 layout).
+"""A tiny labelled cohort written to disk for the training tests (the cohort layout of docs/medical_io.md).
 
 Two datasets: ``discs`` (MR volumes, 3 patients, categories ``rim`` (1) and ``core`` (2) with
 the union ``disc`` as ``auto_category``) and ``spots`` (2D RGB dermoscopy-like images, one
@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
 
@@ -70,8 +69,3 @@ def write_tiny_cohort(path: Path, seed: int = 0) -> Path:
                              chunks=lesion.shape)
         lab[...] = lesion
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_cohort(tmp_path_factory) -> Path:
-    return write_tiny_cohort(tmp_path_factory.mktemp("training") / "cohort.zarr")

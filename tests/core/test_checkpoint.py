@@ -28,15 +28,15 @@ def _outputs(model, seed=0):
     return torch.cat([out.low_res_masks, auto.low_res_masks]).numpy()
 
 
-def test_round_trip_in_a_fresh_process(tmp_path, tiny_model):
+def test_round_trip_in_a_fresh_process(tmp_path, tiny_model_256):
     with torch.no_grad():  # make the additions non-trivial
-        for p in tiny_model.decoder_ext.parameters():
+        for p in tiny_model_256.decoder_ext.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    path = save_segmote(tiny_model, tmp_path / "m.safetensors", training={"steps": 3})
+    path = save_segmote(tiny_model_256, tmp_path / "m.safetensors", training={"steps": 3})
     info = json.loads((tmp_path / "m.json").read_text())
     assert info["config"]["model_type"] == "tiny" and info["base"]["kind"] == "embedded"
     assert info["training"] == {"steps": 3} and "torch" in info["versions"]
-    expected = _outputs(tiny_model)
+    expected = _outputs(tiny_model_256)
     script = textwrap.dedent(f"""
         import numpy as np, torch, sys
         sys.path.insert(0, {str(tmp_path)!r})
@@ -51,8 +51,8 @@ def test_round_trip_in_a_fresh_process(tmp_path, tiny_model):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
 
 
-def test_wrong_and_truncated_files_give_clear_errors(tmp_path, tiny_model):
-    path = save_segmote(tiny_model, tmp_path / "m.safetensors")
+def test_wrong_and_truncated_files_give_clear_errors(tmp_path, tiny_model_256):
+    path = save_segmote(tiny_model_256, tmp_path / "m.safetensors")
     data = path.read_bytes()
     bad = tmp_path / "trunc.safetensors"
     bad.write_bytes(data[: len(data) // 2])

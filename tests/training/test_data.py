@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest_training import tiny_cohort, write_tiny_cohort  # noqa: F401  (fixture)
+from tests.training.cohorts import write_tiny_cohort
 from training.dataset import build_slice_dataset, prepare_labels
 from training.prompts import (PromptSampler, guide_probability, jitter_boxes, mask_boxes,
                               sample_points)

@@ -14,7 +14,7 @@ from PIL import Image
 from segmote_core.io import MedicalImage, nifti_to_zyx_affine, open_image, write_labels
 from segmote_core.volume import segment_volume_auto
 
-from conftest_medical import ct_volume, tiny_model  # noqa: F401
+from tests.io.volumes import ct_volume
 
 RAS = np.array([[0.8, 0.0, 0.0, -20.0], [0.0, 0.7, 0.0, 15.0], [0.0, 0.0, 2.5, -40.0],
                 [0.0, 0.0, 0.0, 1.0]])
@@ -76,14 +76,14 @@ def test_ras_and_lps_outputs_agree_in_world_space(tmp_path):
     np.testing.assert_allclose(outs[0].affine, outs[1].affine, atol=1e-5)
 
 
-def test_nifti_ppt_segmentation_written_with_source_geometry(tmp_path, tiny_model):
+def test_nifti_ppt_segmentation_written_with_source_geometry(tmp_path, tiny_model_128):
     vol, _ = ct_volume((4, 32, 40))
     oblique = RAS.copy()
     oblique[0, 1], oblique[2, 0] = 0.05, 0.02
     src = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(vol.transpose(2, 1, 0), oblique), src)
     img = open_image(src)
-    result = segment_volume_auto(tiny_model, img, img.modality, chunk=2)
+    result = segment_volume_auto(tiny_model_128, img, img.modality, chunk=2)
     assert result.labels.shape == vol.shape and result.labels.dtype == np.uint8
     back = nib.load(write_labels(result.labels, tmp_path / "auto.nii.gz", like=img))
     assert back.shape == nib.load(src).shape

@@ -25,7 +25,7 @@ from segmote_core.checkpoint import load_segmote
 from segmote_core.cli import main as segmote_main
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort
-from test_pipeline_support import (REPO, attrs_of, labels_of, make_cohort, subprocess_env,
+from tests.pipeline.support import (REPO, attrs_of, labels_of, make_cohort, subprocess_env,
                                    tiny_checkpoint)
 
 SLICES = 6

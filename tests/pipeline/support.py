@@ -12,7 +12,7 @@ import torch
 from segmote_core import SegMoTEConfig, build_segmote, save_segmote
 from pipeline.synthetic import synthetic_cohort
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:

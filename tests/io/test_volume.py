@@ -14,7 +14,7 @@ from segmote_core.progress import CancelToken, Cancelled
 from segmote_core.volume import (PredictorSegmenter, PropagationConfig, SlicePrompt, SliceResult,
                                  StopEvent, prompt_from_mask, propagate, segment_volume_auto)
 
-from conftest_medical import EncoderCalls, ct_volume, ellipsoid, predictor, tiny_model  # noqa: F401
+from tests.io.volumes import EncoderCalls, ct_volume, ellipsoid
 
 Z, Y, X = 20, 48, 56
 
@@ -158,11 +158,11 @@ def test_prompt_from_mask_clips_and_handles_empty():
     assert prompt_from_mask(np.zeros((4, 4), bool)) is None
 
 
-def test_real_predictor_propagation_reuses_the_cache(tmp_path, tiny_model, predictor):
+def test_real_predictor_propagation_reuses_the_cache(tmp_path, tiny_model_128, predictor):
     vol, obj = ct_volume((5, 32, 40))
     box = box_prompt(obj[2]).box
     cache = EmbeddingCache.for_volume(tmp_path / "emb.zarr", predictor, vol, modality="CT")
-    calls = EncoderCalls(tiny_model)
+    calls = EncoderCalls(tiny_model_128)
     try:
         cfg = PropagationConfig(min_area=1, min_overlap=0.0, max_area_ratio=None)
         first = propagate(PredictorSegmenter(predictor, vol, "CT", cache=cache),
@@ -180,16 +180,16 @@ def test_real_predictor_propagation_reuses_the_cache(tmp_path, tiny_model, predi
     assert first.mask.shape == vol.shape
 
 
-def test_auto_segmentation_of_a_lazy_volume_matches_the_batch_path(tmp_path, tiny_model):
+def test_auto_segmentation_of_a_lazy_volume_matches_the_batch_path(tmp_path, tiny_model_128):
     vol, _ = ct_volume((5, 32, 36))
     write_labels(vol.astype(np.uint16), tmp_path / "v.zarr", modality="CT")   # any zarr volume
     img = open_image(tmp_path / "v.zarr")
     out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=vol.shape, dtype=np.uint8,
                           chunks=(1, 32, 36))
     seen = []
-    res = segment_volume_auto(tiny_model, img, "MR", chunk=2, out=out, precision="fp32",
+    res = segment_volume_auto(tiny_model_128, img, "MR", chunk=2, out=out, precision="fp32",
                               progress=lambda d, t: seen.append(d))
-    ref = segment_batch(tiny_model, vol.astype(np.uint16), "MR", chunk=5, precision="fp32")
+    ref = segment_batch(tiny_model_128, vol.astype(np.uint16), "MR", chunk=5, precision="fp32")
     np.testing.assert_array_equal(out[...], ref.masks.astype(np.uint8))
     np.testing.assert_allclose(res.confidence, ref.confidence, atol=1e-5)
     np.testing.assert_array_equal(res.expert, ref.expert)

@@ -16,8 +16,7 @@ from segmote_core.cli import main as segmote_main
 from segmote_core.io import ImageReadError, ImageTypeError, open_cohort, open_image
 from segmote_core.io.ingest import case_id_from_path, ingest, report_path
 
-from conftest_medical import ct_volume
-
+from tests.io.volumes import ct_volume
 AFF = np.diag([0.9, 0.9, 3.0, 1.0])
 
 

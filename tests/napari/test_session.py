@@ -12,13 +12,10 @@ from napari_segmote._prompts import box_on_slice, object_mask, points_on_slice
 from napari_segmote._sample_data import CT_CATEGORIES, make_ct_phantom, make_dermoscopy_phantom
 from napari_segmote._session import AnnotationSession, MissingEmbeddingError
 
-from conftest_napari import napari_model  # noqa: F401
-
-
 @pytest.fixture
-def volume_session(napari_model):
+def volume_session(tiny_model_shared):
     vol, ref, _ = make_ct_phantom(shape=(8, 64, 64))
-    return AnnotationSession(vol, SegMoTEPredictor(napari_model), modality="CT"), vol, ref
+    return AnnotationSession(vol, SegMoTEPredictor(tiny_model_shared), modality="CT"), vol, ref
 
 
 def test_points_and_boxes_from_layer_data():
@@ -62,7 +59,7 @@ def test_session_commit_undo_and_missing_embedding(volume_session):
     assert session.undo() is None
 
 
-def test_session_embeds_predicts_and_cancels(volume_session, napari_model):
+def test_session_embeds_predicts_and_cancels(volume_session, tiny_model_shared):
     session, vol, ref = volume_session
     token = CancelToken()
     steps = session.embedding_steps([2, 3, 4], token)
@@ -76,7 +73,7 @@ def test_session_embeds_predicts_and_cancels(volume_session, napari_model):
     ys, xs = np.nonzero(ref[3] == 5) if (ref[3] == 5).any() else np.nonzero(ref[3] == 4)
     pt = np.array([[xs.mean(), ys.mean()]])
     res = session.predict(3, points=pt, labels=np.array([1]))
-    ref_pred = SegMoTEPredictor(napari_model)
+    ref_pred = SegMoTEPredictor(tiny_model_shared)
     ref_pred.set_image(vol[3], modality="CT")
     expected = ref_pred.predict(point_coords=pt, point_labels=np.array([1])).masks[0]
     np.testing.assert_array_equal(res.mask, expected)
@@ -86,9 +83,9 @@ def test_session_embeds_predicts_and_cancels(volume_session, napari_model):
     assert not np.delete(session.current, 3, axis=0).any()
 
 
-def test_session_2d_rgb(napari_model):
+def test_session_2d_rgb(tiny_model_shared):
     img, lesion = make_dermoscopy_phantom(size=64)
-    session = AnnotationSession(img, SegMoTEPredictor(napari_model), rgb=True)
+    session = AnnotationSession(img, SegMoTEPredictor(tiny_model_shared), rgb=True)
     assert session.n_slices == 1 and session.shape == (64, 64)
     list(session.embedding_steps())
     res = session.predict(0, box=np.array([10, 10, 50, 50]))

@@ -29,8 +29,8 @@ PROMPTS = {
 
 
 @pytest.mark.parametrize("kind", list(PROMPTS))
-def test_predictor_each_image_kind_and_prompt(tiny_model, rng, kind):
-    pred = SegMoTEPredictor(tiny_model)
+def test_predictor_each_image_kind_and_prompt(tiny_model_256, rng, kind):
+    pred = SegMoTEPredictor(tiny_model_256)
     for modality, image in _images(rng):
         pred.set_image(image, modality=modality)
         out = pred.predict(**PROMPTS[kind])
@@ -47,13 +47,13 @@ def test_predictor_each_image_kind_and_prompt(tiny_model, rng, kind):
         assert heat.shape == (4, *image.shape[:2]) and 0 <= heat.min() and heat.max() <= 1 + 1e-5
 
 
-def test_embedding_round_trip_gives_identical_masks(tiny_model, rng):
-    pred = SegMoTEPredictor(tiny_model)
+def test_embedding_round_trip_gives_identical_masks(tiny_model_256, rng):
+    pred = SegMoTEPredictor(tiny_model_256)
     _, image = _images(rng)[0]
     pred.set_image(image, modality="CT")
     first = pred.predict(box=np.array([5, 5, 80, 60]))
     emb = pred.get_embedding()
-    other = SegMoTEPredictor(tiny_model)
+    other = SegMoTEPredictor(tiny_model_256)
     other.set_embedding(emb)
     second = other.predict(box=np.array([5, 5, 80, 60]))
     np.testing.assert_array_equal(first.low_res_logits, second.low_res_logits)
@@ -102,10 +102,10 @@ def test_normalisation_per_modality():
         normalize_intensity(ct, "CT", window="nope")
 
 
-def test_bf16_encoder_stays_close_to_fp32(tiny_model, rng):
+def test_bf16_encoder_stays_close_to_fp32(tiny_model_256, rng):
     """The accuracy cost of bf16 autocast: small embedding error, near-identical masks."""
     _, image = _images(rng)[0]
-    p32, p16 = SegMoTEPredictor(tiny_model, "fp32"), SegMoTEPredictor(tiny_model, "bf16")
+    p32, p16 = SegMoTEPredictor(tiny_model_256, "fp32"), SegMoTEPredictor(tiny_model_256, "bf16")
     assert not p32.bf16 and p16.bf16
     p32.set_image(image, modality="CT")
     p16.set_image(image, modality="CT")
@@ -114,11 +114,11 @@ def test_bf16_encoder_stays_close_to_fp32(tiny_model, rng):
     rel = ((e16 - e32).norm() / e32.norm()).item()
     assert 0 < rel < 0.05
     with pytest.raises(ValueError, match="precision"):
-        SegMoTEPredictor(tiny_model, "fp8")
+        SegMoTEPredictor(tiny_model_256, "fp8")
 
 
-def test_text_category_joins_the_prompt(tiny_model, rng):
-    pred = SegMoTEPredictor(tiny_model)
+def test_text_category_joins_the_prompt(tiny_model_256, rng):
+    pred = SegMoTEPredictor(tiny_model_256)
     assert pred.categories == ("brain", "lesion")
     _, image = _images(rng)[1]
     pred.set_image(image, modality="MR")

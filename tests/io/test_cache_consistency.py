@@ -12,14 +12,14 @@ from segmote_core import SegMoTEPredictor
 from segmote_core.cache import CacheMismatchError, EmbeddingCache
 from segmote_core.volume import PredictorSegmenter, SlicePrompt, propagate
 
-from conftest_medical import EncoderCalls, ct_volume, predictor, tiny_model  # noqa: F401
+from tests.io.volumes import EncoderCalls, ct_volume
 
 
-def test_compute_and_propagate_refuse_a_different_normalisation_or_model(tmp_path, tiny_model,
+def test_compute_and_propagate_refuse_a_different_normalisation_or_model(tmp_path, tiny_model_128,
                                                                           predictor):
     vol, _ = ct_volume((3, 20, 24))
     cache = EmbeddingCache.for_volume(tmp_path / "e.zarr", predictor, vol, modality="CT")
-    calls = EncoderCalls(tiny_model)
+    calls = EncoderCalls(tiny_model_128)
     try:
         with pytest.raises(CacheMismatchError, match=r"e\.zarr.*modality \(cache 'CT', now 'MR'\)"):
             cache.compute_volume(vol, predictor, "MR")
@@ -27,7 +27,7 @@ def test_compute_and_propagate_refuse_a_different_normalisation_or_model(tmp_pat
             cache.compute_volume(vol, predictor, "CT", window="lung")
         with pytest.raises(CacheMismatchError, match="3 slice"):
             cache.compute_volume(vol[:2], predictor, "CT")
-        other = copy.deepcopy(tiny_model)
+        other = copy.deepcopy(tiny_model_128)
         with torch.no_grad():
             next(other.sam.mask_decoder.parameters()).add_(1e-3)
         with pytest.raises(CacheMismatchError, match="weights_sha256"):

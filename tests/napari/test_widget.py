@@ -10,8 +10,7 @@ from segmote_core import SegMoTEPredictor
 from napari_segmote import _layers as L
 from napari_segmote._sample_data import make_ct_phantom
 
-from conftest_napari import (annotator, bright_centre, go_to_slice, napari_model,  # noqa: F401
-                             open_annotator, wait_idle)
+from tests.napari.helpers import bright_centre, go_to_slice, open_annotator, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -22,7 +21,7 @@ def _expected(model, image: np.ndarray, **prompt) -> np.ndarray:
     return p.predict(**prompt).masks[0]
 
 
-def test_point_prompt_predicts_on_its_slice(annotator, qtbot, napari_model):
+def test_point_prompt_predicts_on_its_slice(annotator, qtbot, tiny_model_shared):
     viewer, widget = annotator
     c = widget.controller
     vol, ref, _ = make_ct_phantom()
@@ -34,7 +33,7 @@ def test_point_prompt_predicts_on_its_slice(annotator, qtbot, napari_model):
     wait_idle(qtbot, c)           # the slice embedding runs in a worker, then the decoder
     current = c.layers[L.CURRENT].data
     assert current.shape == vol.shape
-    expected = _expected(napari_model, vol[z], point_coords=np.array([[x, y]]),
+    expected = _expected(tiny_model_shared, vol[z], point_coords=np.array([[x, y]]),
                          point_labels=np.array([1]))
     assert expected.any()
     np.testing.assert_array_equal(current[z].astype(bool), expected)
@@ -116,7 +115,7 @@ def test_clear_and_keyboard_shortcuts(annotator, qtbot):
     assert not c.layers[L.COMMITTED].data.any()
 
 
-def test_auto_segments_volume_without_prompts(annotator, qtbot, napari_model):
+def test_auto_segments_volume_without_prompts(annotator, qtbot, tiny_model_shared):
     viewer, widget = annotator
     c = widget.controller
     vol, _, _ = make_ct_phantom()
@@ -127,7 +126,7 @@ def test_auto_segments_volume_without_prompts(annotator, qtbot, napari_model):
     assert c.session.store.missing(range(vol.shape[0])) == []
     for z in (0, 12, 23):
         np.testing.assert_array_equal(current[z].astype(bool),
-                                      _expected(napari_model, vol[z], auto=True))
+                                      _expected(tiny_model_shared, vol[z], auto=True))
     assert current.any()
 
 
@@ -170,7 +169,7 @@ def test_cancel_stops_embedding(annotator, qtbot):
     assert 1 <= len(c.session.store) < 24
 
 
-def test_prompt_during_volume_embedding_is_decoded_after_it(annotator, qtbot, napari_model):
+def test_prompt_during_volume_embedding_is_decoded_after_it(annotator, qtbot, tiny_model_shared):
     viewer, widget = annotator
     c = widget.controller
     vol, ref, _ = make_ct_phantom()
@@ -181,12 +180,12 @@ def test_prompt_during_volume_embedding_is_decoded_after_it(annotator, qtbot, na
     c.layers[L.POINTS].add([[z, y, x]])            # no "busy" error: queued
     assert "waiting" in widget.status.value
     wait_idle(qtbot, c)
-    expected = _expected(napari_model, vol[z], point_coords=np.array([[x, y]]),
+    expected = _expected(tiny_model_shared, vol[z], point_coords=np.array([[x, y]]),
                          point_labels=np.array([1]))
     np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), expected)
 
 
-def test_segment_volume_propagates_from_prompted_slice(annotator, qtbot, napari_model):
+def test_segment_volume_propagates_from_prompted_slice(annotator, qtbot, tiny_model_shared):
     from segmote_core.volume import PredictorSegmenter, SlicePrompt, propagate
 
     viewer, widget = annotator
@@ -206,7 +205,7 @@ def test_segment_volume_propagates_from_prompted_slice(annotator, qtbot, napari_
     assert res is not None and res.stops                      # both directions ended
     current = c.layers[L.CURRENT].data
     # the core call with the same prompt (over the embeddings the plugin computed) agrees
-    expected = propagate(PredictorSegmenter(SegMoTEPredictor(napari_model), vol, "CT",
+    expected = propagate(PredictorSegmenter(SegMoTEPredictor(tiny_model_shared), vol, "CT",
                                             "soft_tissue", cache=c.session.store),
                          {z: SlicePrompt(box=np.array(box, np.float32))})
     np.testing.assert_array_equal(current.astype(bool), expected.mask)

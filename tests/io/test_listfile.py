@@ -12,9 +12,7 @@ from segmote_core.cli import main as segmote_main
 from segmote_core.io import open_cohort
 from segmote_core.io.ingest import collect_inputs
 
-from conftest_medical import ct_volume
-
-
+from tests.io.volumes import ct_volume
 def _pair(folder: Path) -> np.ndarray:
     vol, obj = ct_volume((4, 12, 14))
     nib.save(nib.Nifti1Image(vol.transpose(2, 1, 0), np.eye(4)), folder / "ct a.nii.gz")

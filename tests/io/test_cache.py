@@ -15,7 +15,7 @@ from segmote_core.cache import CacheMismatchError, EmbeddingCache, data_signatur
 from segmote_core.io import create_cohort, open_image
 from segmote_core.progress import CancelToken, Cancelled
 
-from conftest_medical import EncoderCalls, ct_volume, predictor, tiny_model  # noqa: F401
+from tests.io.volumes import EncoderCalls, ct_volume
 
 
 @pytest.fixture
@@ -26,18 +26,18 @@ def ct_image(tmp_path):
     return open_image(tmp_path / "ct.nii.gz"), vol
 
 
-def test_second_open_reuses_embeddings_without_the_encoder(tmp_path, tiny_model, ct_image):
+def test_second_open_reuses_embeddings_without_the_encoder(tmp_path, tiny_model_128, ct_image):
     img, vol = ct_image
-    calls = EncoderCalls(tiny_model)
+    calls = EncoderCalls(tiny_model_128)
     try:
-        p1 = SegMoTEPredictor(tiny_model, precision="fp32")
+        p1 = SegMoTEPredictor(tiny_model_128, precision="fp32")
         steps = []
         cache = EmbeddingCache.for_volume(tmp_path / "emb.zarr", p1, img, modality="CT")
         assert cache.compute_volume(img, p1, "CT", progress=lambda d, t: steps.append((d, t)),
                                     batch=2) == 5
         assert calls.images == 5 and steps[0] == (0, 5) and steps[-1] == (5, 5)
 
-        p2 = SegMoTEPredictor(tiny_model, precision="fp32")          # "second open"
+        p2 = SegMoTEPredictor(tiny_model_128, precision="fp32")          # "second open"
         again = EmbeddingCache.for_volume(tmp_path / "emb.zarr", p2, img, modality="CT")
         assert again.done_slices() == [0, 1, 2, 3, 4]
         assert again.compute_volume(img, p2, "CT") == 0
@@ -58,11 +58,11 @@ def test_second_open_reuses_embeddings_without_the_encoder(tmp_path, tiny_model,
         calls.close()
 
 
-def test_refused_after_the_model_changes(tmp_path, tiny_model, ct_image):
+def test_refused_after_the_model_changes(tmp_path, tiny_model_128, ct_image):
     img, _ = ct_image
-    p = SegMoTEPredictor(tiny_model, precision="fp32")
+    p = SegMoTEPredictor(tiny_model_128, precision="fp32")
     EmbeddingCache.for_volume(tmp_path / "emb.zarr", p, img).compute_volume(img, p)
-    other = copy.deepcopy(tiny_model)
+    other = copy.deepcopy(tiny_model_128)
     with torch.no_grad():
         next(other.sam.image_encoder.parameters()).add_(1e-3)     # one weight differs
     with pytest.raises(CacheMismatchError, match=r"emb\.zarr.*weights_sha256"):
@@ -73,9 +73,9 @@ def test_refused_after_the_model_changes(tmp_path, tiny_model, ct_image):
         EmbeddingCache.for_volume(tmp_path / "emb.zarr", SegMoTEPredictor(reconfigured), img)
 
 
-def test_refused_after_the_data_or_version_changes(tmp_path, tiny_model, ct_image, monkeypatch):
+def test_refused_after_the_data_or_version_changes(tmp_path, tiny_model_128, ct_image, monkeypatch):
     img, vol = ct_image
-    p = SegMoTEPredictor(tiny_model, precision="fp32")
+    p = SegMoTEPredictor(tiny_model_128, precision="fp32")
     EmbeddingCache.for_volume(tmp_path / "emb.zarr", p, vol).compute_volume(vol, p)
     changed = vol.copy()
     changed[4, 10, 10] += 1                                            # one voxel
@@ -93,9 +93,9 @@ def test_refused_after_the_data_or_version_changes(tmp_path, tiny_model, ct_imag
     assert fresh.compute_volume(changed, p) == 5
 
 
-def test_cancel_keeps_what_was_computed_and_a_rerun_resumes(tmp_path, tiny_model, ct_image):
+def test_cancel_keeps_what_was_computed_and_a_rerun_resumes(tmp_path, tiny_model_128, ct_image):
     img, _ = ct_image
-    p = SegMoTEPredictor(tiny_model, precision="fp32")
+    p = SegMoTEPredictor(tiny_model_128, precision="fp32")
     token = CancelToken()
 
     def progress(done: int, total: int) -> None:
@@ -106,7 +106,7 @@ def test_cancel_keeps_what_was_computed_and_a_rerun_resumes(tmp_path, tiny_model
     with pytest.raises(Cancelled):
         cache.compute_volume(img, p, progress=progress, cancel=token, batch=2)
     assert cache.done_slices() == [0, 1]
-    calls = EncoderCalls(tiny_model)
+    calls = EncoderCalls(tiny_model_128)
     try:
         resumed = EmbeddingCache.for_volume(tmp_path / "emb.zarr", p, img)
         assert resumed.compute_volume(img, p, batch=2) == 3 and calls.images == 3
