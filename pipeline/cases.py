@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from segmote_core.geometry import masks_to_boxes
+
 from .worker import SliceTask
 
 __all__ = ["CaseInput", "CaseError", "open_case", "iter_tasks", "boxes_from_labels"]
@@ -91,19 +93,13 @@ def boxes_from_labels(labels: np.ndarray, label_id: int | None = None) -> np.nda
     Args:
         labels: ``(B, Y, X)`` integer ids.
     Returns:
-        ``(B, 4)`` float32 ``x0, y0, x1, y1`` in pixels (inclusive max + 1); NaN rows where the
-        slice holds no such label.
+        ``(B, 4)`` float32 ``x0, y0, x1, y1`` in pixels with the maximum inclusive, as SAM's box
+        prompts (:mod:`segmote_core.geometry`); NaN rows where the slice holds no such label.
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"labels must be (B, Y, X), got shape {labels.shape}")
-    fg = labels > 0 if label_id is None else labels == label_id
-    boxes = np.full((len(labels), 4), np.nan, np.float32)
-    for i, m in enumerate(fg):
-        ys, xs = np.nonzero(m)
-        if ys.size:
-            boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    return boxes
+    return masks_to_boxes(labels > 0 if label_id is None else labels == label_id)
 
 
 def read_batch(case: CaseInput, start: int, stop: int, label_id: int | None = None,

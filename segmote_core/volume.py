@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from scipy import ndimage
 
+from .geometry import expand_box, interior_point, mask_to_box
 from .io.image import array_of
 from .progress import CancelToken, ProgressCallback, report
 
@@ -129,16 +129,10 @@ def prompt_from_mask(mask: np.ndarray, box_margin: int = 2, use_points: bool = T
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return None
-    ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    box = np.array([max(xs.min() - box_margin, 0), max(ys.min() - box_margin, 0),
-                    min(xs.max() + box_margin, w - 1), min(ys.max() + box_margin, h - 1)],
-                   dtype=np.float32)
+    box = expand_box(mask_to_box(mask), box_margin, mask.shape)
     points = labels = None
     if use_points:
-        dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(int(np.argmax(dist)), mask.shape)
-        points, labels = np.array([[x, y]], dtype=np.float32), np.array([1], dtype=np.int64)
+        points, labels = interior_point(mask)[None], np.array([1], dtype=np.int64)
     return SlicePrompt(box=box, points=points, labels=labels, mask_input=logits)
 
 

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy import ndimage
 
+from segmote_core.geometry import interior_point, mask_to_box
 from segmote_core.modeling import ImageFeatures, SegMoTE
 from segmote_core.progress import CancelToken, ProgressCallback, report
 from segmote_core.transforms import ResizePad
@@ -29,18 +29,11 @@ from segmote_core.transforms import ResizePad
 from .dataset import SliceDataset, model_input
 from .losses import dice_score
 
-__all__ = ["EvalResult", "evaluate_model", "interior_point", "write_report", "MODES"]
+__all__ = ["EvalResult", "evaluate_model", "write_report", "MODES"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("point", "box", "auto")
-
-
-def interior_point(mask: np.ndarray) -> np.ndarray:
-    """(X, Y) of the mask pixel farthest from the background (ties: first in raster order)."""
-    dist = ndimage.distance_transform_edt(np.pad(np.asarray(mask, bool), 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return np.array([x, y], np.float32)
 
 
 @dataclass
@@ -51,11 +44,6 @@ class EvalResult:
     examples: list[dict[str, Any]] = field(default_factory=list)
     num_experts: int = 0
     num_tokens: int = 0
-
-
-def _original_box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
 
 
 @torch.inference_mode()
@@ -118,7 +106,7 @@ def _score_group(model: SegMoTE, feats: ImageFeatures, ds: SliceDataset, mids: n
     originals = [ds.original_masks[m] for m in mids]
     shapes = [tuple(int(v) for v in ds.original_shapes[s]) for s in slices]
     if mode == "box":
-        boxes = np.stack([resize.apply_boxes(_original_box(o), shp) for o, shp in zip(originals, shapes)])
+        boxes = np.stack([resize.apply_boxes(mask_to_box(o), shp) for o, shp in zip(originals, shapes)])
         kwargs["boxes"] = torch.as_tensor(boxes, device=dev)
     elif mode == "point":
         pts = np.stack([resize.apply_coords(interior_point(o), shp) for o, shp in zip(originals, shapes)])

@@ -23,6 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
+from segmote_core.geometry import masks_to_boxes
+
 from .dataset import SliceDataset
 from .train_config import PromptConfig
 
@@ -55,16 +57,9 @@ class PromptBatch:
 
 
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """(M, H, W) bool -> (M, 4) float32 XYXY boxes (max pixel index inclusive); empty -> 0."""
-    masks = np.asarray(masks, bool)
-    rows = masks.any(axis=2)  # (M, H)
-    cols = masks.any(axis=1)  # (M, W)
-    h, w = masks.shape[1:]
-    y0 = np.where(rows.any(1), rows.argmax(1), 0)
-    y1 = np.where(rows.any(1), h - 1 - rows[:, ::-1].argmax(1), 0)
-    x0 = np.where(cols.any(1), cols.argmax(1), 0)
-    x1 = np.where(cols.any(1), w - 1 - cols[:, ::-1].argmax(1), 0)
-    return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
+    """(M, H, W) bool -> (M, 4) float32 inclusive XYXY boxes (:mod:`segmote_core.geometry`);
+    an empty mask gives ``0, 0, 0, 0`` as in SAM's own ``batched_mask_to_box``."""
+    return masks_to_boxes(masks, empty=0.0)
 
 
 def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, fraction: float,

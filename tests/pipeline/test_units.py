@@ -33,11 +33,11 @@ def test_boxes_from_labels():
     lab[0, 2:5, 3:9] = 1
     lab[2, 7, 11] = 2
     boxes = boxes_from_labels(lab)
-    np.testing.assert_array_equal(boxes[0], [3, 2, 9, 5])
+    np.testing.assert_array_equal(boxes[0], [3, 2, 8, 4])
     assert np.isnan(boxes[1]).all()
-    np.testing.assert_array_equal(boxes[2], [11, 7, 12, 8])
+    np.testing.assert_array_equal(boxes[2], [11, 7, 11, 7])  # inclusive max, as SAM
     only2 = boxes_from_labels(lab, label_id=2)
-    assert np.isnan(only2[0]).all() and only2[2].tolist() == [11, 7, 12, 8]
+    assert np.isnan(only2[0]).all() and only2[2].tolist() == [11, 7, 11, 7]
 
 
 def test_case_checks_name_case_and_problem(cohort):

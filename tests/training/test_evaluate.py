@@ -16,7 +16,8 @@ from segmote_core.checkpoint import save_segmote
 from segmote_core.config import SegMoTEConfig
 from training.commands import register_evaluate, register_train
 from training.dataset import build_slice_dataset
-from training.evaluate import evaluate_model, interior_point, tables, write_report
+from segmote_core.geometry import interior_point
+from training.evaluate import evaluate_model, tables, write_report
 from training.figures import usage_fractions
 from training.losses import dice_loss, dice_score
 
