@@ -1,4 +1,4 @@
-"""Readers: NIfTI, TIFF / OME-TIFF, PNG / JPEG, zarr / OME-Zarr -> :class:`MedicalImage`.
+"""Readers: NIfTI, TIFF / OME-TIFF, PNG / JPEG, zarr / OME-Zarr, DICOM -> :class:`MedicalImage`.
 
 Volumes stay lazy: a ``dask.array`` with one chunk per slice over nibabel's array proxy, tifffile's
 zarr view of the pages, or the zarr array itself, so memory does not grow with the number of
@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 _NIFTI = (".nii", ".nii.gz")
 _TIFF = (".tif", ".tiff")
 _PIL = (".png", ".jpg", ".jpeg", ".bmp")
-IMAGE_SUFFIXES = _NIFTI + _TIFF + _PIL + (".zarr",)
+_DICOM = (".dcm", ".dicom", ".ima")
+IMAGE_SUFFIXES = _NIFTI + _TIFF + _PIL + (".zarr",) + _DICOM
 
 
 def image_format(path: str | Path) -> str | None:
-    """``"nifti"``, ``"tiff"``, ``"pil"`` or ``"zarr"`` from the name (a zarr may be any dir)."""
+    """``"nifti"``, ``"tiff"``, ``"pil"``, ``"zarr"`` or ``"dicom"`` from the name (a zarr may be
+    any dir), or from the content: a file with the DICOM marker, a folder holding DICOM files."""
     name = Path(path).name.lower()
     if name.endswith(_NIFTI):
         return "nifti"
@@ -42,6 +44,10 @@ def image_format(path: str | Path) -> str | None:
     if name.endswith(".zarr") or (p.is_dir() and any((p / m).exists() for m in
                                                      ("zarr.json", ".zgroup", ".zarray"))):
         return "zarr"
+    from .dicom import holds_dicom, is_dicom_file
+
+    if (p.is_file() and is_dicom_file(p)) or (p.is_dir() and holds_dicom(p)):
+        return "dicom"
     return None
 
 
@@ -63,7 +69,9 @@ def open_image(path: str | Path, modality: str | None = None) -> MedicalImage:
 
     Args:
         path: ``.nii``/``.nii.gz``, ``.tif``/``.tiff``/``.ome.tif``, ``.png``/``.jpg``/``.jpeg``/
-            ``.bmp``, or a zarr store (plain array, OME-Zarr multiscales, a cohort case group).
+            ``.bmp``, a zarr store (plain array, OME-Zarr multiscales, a cohort case group), or
+            DICOM: a file (its series), a folder or tree holding one series
+            (:func:`segmote_core.io.dicom.open_dicom`).
         modality: overrides the guess (:func:`guess_modality`).
     Returns:
         :class:`MedicalImage` with ``data`` ``(Z, Y, X)`` (dask), ``(Y, X)`` or ``(Y, X, 3)``.
@@ -80,7 +88,8 @@ def open_image(path: str | Path, modality: str | None = None) -> MedicalImage:
         raise ImageReadError(path, f"unsupported format; expected one of {', '.join(IMAGE_SUFFIXES)}")
     if path.is_file() and path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
-    reader = {"nifti": _read_nifti, "tiff": _read_tiff, "pil": _read_pil, "zarr": _read_zarr}[fmt]
+    reader = {"nifti": _read_nifti, "tiff": _read_tiff, "pil": _read_pil, "zarr": _read_zarr,
+              "dicom": _read_dicom}[fmt]
     try:
         img = reader(path)
     except (ImageReadError, FileNotFoundError):
@@ -286,6 +295,13 @@ def _read_pil(path: Path) -> MedicalImage:
         arr = arr[..., :3]
     return MedicalImage(arr, (1.0, 1.0), spacing_affine((1.0, 1.0)), "", "YXC" if rgb else "YX",
                         str(path), {"format": "pil", "pil_mode": mode, "spacing_known": False})
+
+
+# ---------------------------------------------------------------------------- DICOM
+def _read_dicom(path: Path) -> MedicalImage:
+    from .dicom import open_dicom
+
+    return open_dicom(path)
 
 
 # ---------------------------------------------------------------------------- zarr
