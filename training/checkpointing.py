@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from segmote_core.checkpoint import read_checkpoint_info, save_segmote
+from segmote_core.fileio import atomic_write
 from segmote_core.modeling import SegMoTE
 
 __all__ = ["TrainPosition", "save_training_checkpoint", "load_training_checkpoint",
@@ -56,14 +55,7 @@ def save_training_checkpoint(folder: str | Path, model: SegMoTE, optimizer: torc
         "config_json": json.dumps(config, sort_keys=True),
         "torch_rng": torch.get_rng_state(),
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{STATE_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, folder / STATE_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
     return folder
 
 

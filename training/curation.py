@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from segmote_core.fileio import atomic_write, atomic_write_text
 from segmote_core.io import open_cohort
 from segmote_core.progress import CancelToken, ProgressCallback, report
 
@@ -296,21 +297,17 @@ def curate(cohort: str | Path, out: str | Path, *, keep: float = 0.8, test_fract
     rank_slices(rows, cfg)
     selection, summary = _selection_and_summary(rows, cohort, cfg)
     paths["selection"].parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths["selection"], json.dumps(selection, indent=1))
-    _atomic_write(paths["summary"], json.dumps(summary, indent=1))
-    tmp = paths["report"].with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in sorted(rows, key=lambda r: (r["dataset"], r["rank"])):
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(paths["report"])
+    atomic_write_text(paths["selection"], json.dumps(selection, indent=1))
+    atomic_write_text(paths["summary"], json.dumps(summary, indent=1))
+    atomic_write(paths["report"], lambda tmp: _write_report_csv(tmp, rows))
     log.info("curation of %s: kept %d of %d slices -> %s", cohort, summary["kept_slices"],
              summary["scored_slices"], paths["selection"])
     return CurationResult(rows, selection, summary, paths)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _write_report_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in sorted(rows, key=lambda r: (r["dataset"], r["rank"])):
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

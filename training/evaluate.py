@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from segmote_core.fileio import atomic_write, atomic_write_text
 from segmote_core.geometry import interior_point, mask_to_box
 from segmote_core.modeling import ImageFeatures, SegMoTE
 from segmote_core.progress import CancelToken, ProgressCallback, report
@@ -190,21 +191,21 @@ def write_report(result: EvalResult, out_dir: str | Path, *, title: str = "SegMo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"per_mask": out / "per_mask.csv"}
-    result.rows.to_csv(paths["per_mask"], index=False)
+    atomic_write(paths["per_mask"], lambda tmp: result.rows.to_csv(tmp, index=False))
     md = [f"## {title}: Dice on held-out slices", ""]
     names = {"datasets": "Dice per dataset (Table 1 style)",
              "categories": "Dice per category (Table 2 style)",
              "ppt": "Prompt-free PPT vs one point, binary targets (Table 4 style)"}
     for key, table in tables(result).items():
         paths[f"table_{key}"] = out / f"table_{key}.csv"
-        table.to_csv(paths[f"table_{key}"])
+        atomic_write(paths[f"table_{key}"], table.to_csv)
         md.append(_markdown(table, names[key]))
     paths["tables_md"] = out / "tables.md"
-    paths["tables_md"].write_text("\n".join(md))
+    atomic_write_text(paths["tables_md"], "\n".join(md))
     summary = {mode: float(g["dice"].mean()) for mode, g in result.rows.groupby("mode")}
     paths["summary"] = out / "summary.json"
-    paths["summary"].write_text(json.dumps({"mean_dice": summary, "masks": len(result.rows)},
-                                           indent=2))
+    atomic_write_text(paths["summary"], json.dumps({"mean_dice": summary,
+                                                    "masks": len(result.rows)}, indent=2))
     if figures and result.num_tokens:
         from .figures import expert_usage_figure, routing_figure
         paths["expert_usage"] = expert_usage_figure(result.rows, result.num_tokens,

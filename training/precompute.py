@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from segmote_core.fileio import atomic_write
 from segmote_core.modeling import ImageFeatures, SegMoTE
 from segmote_core.progress import CancelToken, ProgressCallback, report
 
@@ -88,15 +87,8 @@ class FeatureCache:
         tensors = {"image_embeddings": self.image_embeddings.contiguous()}
         if self.interm_embeddings is not None:
             tensors["interm_embeddings"] = self.interm_embeddings.contiguous()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"signature": json.dumps(self.signature)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_write(path, lambda tmp: save_file(
+            tensors, tmp, metadata={"signature": json.dumps(self.signature)}))
 
     @classmethod
     def load(cls, path: str | Path, expected: dict[str, str]) -> "FeatureCache":

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write_text
 from ..progress import CancelToken, Cancelled, ProgressCallback, report
 from .cohort import create_cohort, open_cohort, write_case
 from .image import ImageReadError
@@ -332,9 +333,7 @@ def _write_report(cohort: Path, rep: IngestReport) -> None:
     import zarr
 
     out = report_path(cohort)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(rep.to_csv())
-    os.replace(tmp, out)
+    atomic_write_text(out, rep.to_csv())
     root = zarr.open_group(str(cohort), mode="r+")
     root.attrs["last_ingest"] = {**rep.counts(), "report": out.name,
                                  "failed": {r.case_id: r.error for r in rep.failed}}

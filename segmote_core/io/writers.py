@@ -1,19 +1,17 @@
 """Label writers: NIfTI (with the source affine, so labels overlay the image in ITK-SNAP and
-3D Slicer), zarr, TIFF and PNG. Every write goes to a temporary name first and is renamed into
-place, so a crash never leaves a half-written file under the final name; writing over the source
-image itself is refused."""
+3D Slicer), zarr, TIFF and PNG. Every write goes through :mod:`segmote_core.fileio` (temporary
+name, fsync, rename), so a crash never leaves a half-written file under the final name; writing
+over the source image itself is refused."""
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..fileio import atomic_write, atomic_write_dir
 from .image import MedicalImage, nifti_to_zyx_affine, spacing_affine, zyx_to_nifti_affine
 
 __all__ = ["write_labels", "LABEL_SUFFIXES"]
@@ -82,39 +80,22 @@ def write_labels(labels: Any, path: str | Path, like: MedicalImage | None = None
     if modality is None and like is not None:
         modality = like.modality
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        if name.endswith((".nii", ".nii.gz")):
-            _write_nifti(labels, tmp, affine, like, gz=name.endswith(".gz"))
-        elif name.endswith(".zarr"):
-            _write_zarr(labels, tmp, spacing, affine, modality, like, attrs or {})
-        elif name.endswith((".tif", ".tiff")):
-            _write_tiff(np.asarray(labels), tmp, spacing)
-        else:
-            _write_png(np.asarray(labels), tmp, path)
-        _replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if name.endswith((".nii", ".nii.gz")):
+        # nibabel picks the format from the name: the temporary name keeps the suffix
+        atomic_write(path, lambda tmp: _write_nifti(labels, Path(tmp), affine, like),
+                     suffix=".tmp.nii.gz" if name.endswith(".gz") else ".tmp.nii")
+    elif name.endswith(".zarr"):
+        atomic_write_dir(path, lambda tmp: _write_zarr(labels, Path(tmp), spacing, affine,
+                                                       modality, like, attrs or {}))
+    elif name.endswith((".tif", ".tiff")):
+        atomic_write(path, lambda tmp: _write_tiff(np.asarray(labels), Path(tmp), spacing))
+    else:
+        atomic_write(path, lambda tmp: _write_png(np.asarray(labels), Path(tmp), path))
     log.info("wrote labels %s to %s", tuple(labels.shape), path)
     return path
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    if tmp.is_dir():
-        if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
-    else:
-        os.replace(tmp, path)
-
-
-def _write_nifti(labels: Any, tmp: Path, affine: np.ndarray, like: MedicalImage | None,
-                 gz: bool) -> None:
+def _write_nifti(labels: Any, tmp: Path, affine: np.ndarray, like: MedicalImage | None) -> None:
     import nibabel as nib
 
     data = np.asarray(labels)
@@ -130,10 +111,7 @@ def _write_nifti(labels: Any, tmp: Path, affine: np.ndarray, like: MedicalImage 
     img.header.set_xyzt_units(*(meta.get("xyzt_units") or ("mm", "sec")))
     img.header["descrip"] = b"segmote labels"
     img.set_data_dtype(data.dtype)
-    # nibabel picks the format from the name: write under a temp name with the right suffix
-    target = tmp.with_name(tmp.name + (".nii.gz" if gz else ".nii"))
-    nib.save(img, str(target))
-    os.replace(target, tmp)
+    nib.save(img, str(tmp))
 
 
 def _write_zarr(labels: Any, tmp: Path, spacing: tuple[float, ...], affine: np.ndarray,
