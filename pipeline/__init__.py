@@ -18,7 +18,7 @@ _EXPORTS = {
     "BatchOptions": "runner",
     "BatchSummary": "runner",
     "run_batch": "runner",
-    "SignatureMismatch": "store",
+    "OutputStoreMismatchError": "store",
     "ModelSpec": "worker",
     "PoolConfig": "engine",
 }

@@ -86,12 +86,12 @@ def options_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Run ``segmote batch``; returns the exit code."""
     from .engine import ModelLoadError
-    from .runner import SignatureMismatch, run_batch
+    from .runner import OutputStoreMismatchError, run_batch
 
     try:
         opts = options_from_args(args)
         summary = run_batch(opts)
-    except (SignatureMismatch, ModelLoadError, ValueError, FileNotFoundError) as exc:
+    except (OutputStoreMismatchError, ModelLoadError, ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

@@ -23,10 +23,10 @@ from segmote_core.io import CohortError, open_cohort
 from .cases import CaseError, CaseInput, batch_count, iter_tasks, open_case
 from .engine import ActorPool, PoolConfig, ray_session, resolve_pool
 from .report import case_row, write_report, write_review_queue
-from .store import OutputStore, SignatureMismatch
+from .store import OutputStore, OutputStoreMismatchError
 from .worker import ModelSpec, SliceResult, SliceTask, peak_rss_mb
 
-__all__ = ["BatchOptions", "BatchSummary", "run_batch", "SignatureMismatch"]
+__all__ = ["BatchOptions", "BatchSummary", "run_batch", "OutputStoreMismatchError"]
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,8 @@ def run_batch(opts: BatchOptions) -> BatchSummary:
     Raises:
         ValueError: bad options, not a cohort, unknown cases, output inside the input.
         FileNotFoundError: a model file is missing.
-        SignatureMismatch: ``opts.out`` holds another model's labels and ``overwrite`` is off.
+        OutputStoreMismatchError: ``opts.out`` holds another model's labels and ``overwrite``
+            is off.
     """
     from tqdm import tqdm
 

@@ -27,15 +27,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OutputStore", "SignatureMismatch", "signature_hash", "STORE_KIND"]
+from segmote_core.errors import OutputStoreMismatchError
+
+__all__ = ["OutputStore", "OutputStoreMismatchError", "signature_hash", "STORE_KIND"]
 
 log = logging.getLogger(__name__)
 
 STORE_KIND = {"kind": "labels", "version": 1}
-
-
-class SignatureMismatch(RuntimeError):
-    """The output store holds labels of another model or configuration."""
 
 
 def signature_hash(signature: dict[str, Any]) -> str:
@@ -52,7 +50,7 @@ class OutputStore:
         signature: model + configuration signature of this run.
         overwrite: replace outputs of another signature instead of refusing.
     Raises:
-        SignatureMismatch: the store holds another signature and ``overwrite`` is false.
+        OutputStoreMismatchError: the store holds another signature and ``overwrite`` is false.
         ValueError: ``path`` is the cohort, inside it, or an unrelated zarr/file.
     """
 
@@ -77,7 +75,7 @@ class OutputStore:
             old = attrs.get("signature_sha256")
             stale = self._foreign_cases()
             if (old not in (None, self.sha) or stale) and not overwrite:
-                raise SignatureMismatch(
+                raise OutputStoreMismatchError(
                     f"{self.path} holds labels of another model/configuration (store "
                     f"signature {str(old)[:12]}, this run {self.sha[:12]}; cases "
                     f"{', '.join(stale[:5]) or '-'}): pass --overwrite to replace them or "

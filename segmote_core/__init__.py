@@ -22,6 +22,8 @@ _EXPORTS = {
     "save_segmote": "checkpoint",
     "load_segmote": "checkpoint",
     "CheckpointError": "checkpoint",
+    "SegMoTEMismatchError": "errors",
+    "EmbeddingCacheMismatchError": "errors",
     "SegMoTEPredictor": "predictor",
     "Prediction": "predictor",
     "segment_batch": "inference",

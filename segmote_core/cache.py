@@ -2,8 +2,9 @@
 
 The store's attrs hold a signature: the model (config + a hash of every weight, from
 :meth:`SegMoTEPredictor.model_signature`), a hash of the image data, and this package's version.
-Opening a store whose signature differs raises :class:`CacheMismatchError` naming what changed
-(pass ``overwrite=True`` to start it afresh). Layout::
+Opening a store whose signature differs raises
+:class:`~segmote_core.errors.EmbeddingCacheMismatchError` naming what changed (pass
+``overwrite=True`` to start it afresh). Layout::
 
     cache.zarr/                   attrs {"segmote": {"kind": "embedding_cache", "version": 1,
                                                      "signature": {...}}}
@@ -25,18 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from .errors import EmbeddingCacheMismatchError
 from .io.image import MedicalImage, array_of
 from .progress import CancelToken, ProgressCallback, report
 
-__all__ = ["EmbeddingCache", "CacheMismatchError", "data_signature", "CACHE_VERSION"]
+__all__ = ["EmbeddingCache", "EmbeddingCacheMismatchError", "data_signature", "CACHE_VERSION"]
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-
-
-class CacheMismatchError(ValueError):
-    """The cache on disk was computed for another model, other data or another version."""
 
 
 def _n_slices(volume: Any) -> tuple[int, bool]:
@@ -103,8 +101,8 @@ class EmbeddingCache:
         n_slices: number of slices of the volume (grows on demand if omitted).
         overwrite: replace a store with another signature instead of raising.
     Raises:
-        CacheMismatchError: the store exists with another signature (and ``overwrite`` is off),
-            or ``path`` is some other zarr store.
+        EmbeddingCacheMismatchError: the store exists with another signature (and
+            ``overwrite`` is off), or ``path`` is some other zarr store.
     """
 
     def __init__(self, path: str | Path, signature: dict[str, Any], n_slices: int | None = None,
@@ -127,10 +125,10 @@ class EmbeddingCache:
             if seg.get("kind") != "embedding_cache" or seg.get("signature") != self.signature:
                 if not overwrite:
                     if seg.get("kind") != "embedding_cache":
-                        raise CacheMismatchError(
+                        raise EmbeddingCacheMismatchError(
                             f"{self.path}: not a SegMoTE embedding cache (kind "
                             f"{seg.get('kind')!r}); choose another path")
-                    raise CacheMismatchError(
+                    raise EmbeddingCacheMismatchError(
                         f"{self.path}: embedding cache was computed for other inputs: "
                         f"{_describe_diff(seg.get('signature') or {}, self.signature)}. Delete "
                         f"it or open with overwrite=True to recompute")
@@ -164,7 +162,7 @@ class EmbeddingCache:
         Compares ``predictor.model_signature()``, ``modality`` and ``window`` with the
         ``"model"``, ``"modality"`` and ``"window"`` entries of the signature (those present).
         Raises:
-            CacheMismatchError: naming the entries that differ.
+            EmbeddingCacheMismatchError: naming the entries that differ.
         """
         given: dict[str, Any] = {"modality": None if modality is None else str(modality),
                                  "window": window}
@@ -173,8 +171,8 @@ class EmbeddingCache:
         stored = {k: self.signature[k] for k in given if k in self.signature}
         wanted = _normalise({k: given[k] for k in stored})
         if k_diff := _describe_diff(stored, wanted):
-            raise CacheMismatchError(f"{self.path}: asked to compute embeddings that differ from "
-                                     f"the cache's signature: {k_diff}")
+            raise EmbeddingCacheMismatchError(f"{self.path}: asked to compute embeddings that "
+                                              f"differ from the cache's signature: {k_diff}")
 
     # ------------------------------------------------------------------ storage
     def _ensure(self, z: int, emb: dict[str, Any]) -> None:
@@ -261,8 +259,8 @@ class EmbeddingCache:
         self.check_compatible(predictor, modality, window)
         n, is_vol = _n_slices(volume)
         if self.n_slices is not None and n != self.n_slices:
-            raise CacheMismatchError(f"{self.path}: the cache is for {self.n_slices} slice(s), "
-                                     f"the volume given has {n}")
+            raise EmbeddingCacheMismatchError(f"{self.path}: the cache is for {self.n_slices} "
+                                              f"slice(s), the volume given has {n}")
         cached = set(self.done_slices())
         todo = [z for z in range(n) if z not in cached]
         done = n - len(todo)

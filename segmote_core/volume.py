@@ -84,7 +84,7 @@ class PredictorSegmenter:
         cache: an :class:`~segmote_core.cache.EmbeddingCache` (or anything with ``get``/``put``):
             embeddings found there skip the encoder, new ones are stored.
     Raises:
-        CacheMismatchError: ``cache`` is signed for another model, modality or window.
+        EmbeddingCacheMismatchError: ``cache`` is signed for another model, modality or window.
     """
 
     def __init__(self, predictor: Any, volume: Any, modality: str = "auto", window: Any = None,

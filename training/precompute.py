@@ -4,7 +4,7 @@ The image encoder is the expensive part of SegMoTE; with it frozen its outputs n
 they are computed once per slice and every epoch runs only the decoder side. The cache lives in
 memory as float16 tensors and on disk as one ``.safetensors`` file whose metadata signs the
 encoder weights, the slice pixels and the image size: a file whose signature differs is refused
-(:class:`EmbeddingCacheMismatch`) and recomputed, never silently reused.
+(:class:`FeatureCacheMismatchError`) and recomputed, never silently reused.
 
 (The core's per-volume zarr cache, issue 3, serves the predictor; training needs random access to
 all slices of a dataset at once, so it keeps this flat tensor form.)
@@ -23,20 +23,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from segmote_core.errors import FeatureCacheMismatchError
 from segmote_core.fileio import atomic_write
 from segmote_core.modeling import ImageFeatures, SegMoTE
 from segmote_core.progress import CancelToken, ProgressCallback, report
 
 from .dataset import model_input
 
-__all__ = ["EmbeddingCacheMismatch", "FeatureCache", "encoder_signature", "compute_features",
+__all__ = ["FeatureCacheMismatchError", "FeatureCache", "encoder_signature", "compute_features",
            "load_or_compute_features"]
 
 log = logging.getLogger(__name__)
-
-
-class EmbeddingCacheMismatch(ValueError):
-    """A cache file was written for another encoder, other slices or another input size."""
 
 
 def _sha(arrays) -> str:
@@ -92,18 +89,18 @@ class FeatureCache:
 
     @classmethod
     def load(cls, path: str | Path, expected: dict[str, str]) -> "FeatureCache":
-        """Read a cache file; raise :class:`EmbeddingCacheMismatch` if its signature differs."""
+        """Read a cache file; raise :class:`FeatureCacheMismatchError` if its signature differs."""
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise EmbeddingCacheMismatch(f"{path}: unreadable embedding cache ({exc})") from exc
+            raise FeatureCacheMismatchError(f"{path}: unreadable embedding cache ({exc})") from exc
         found = json.loads(meta.get("signature", "{}"))
         if found != expected:
             diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-            raise EmbeddingCacheMismatch(f"{path}: embedding cache was made for another "
+            raise FeatureCacheMismatchError(f"{path}: embedding cache was made for another "
                                          f"{', '.join(diff)}; it will not be reused")
         return cls(tensors["image_embeddings"], tensors.get("interm_embeddings"), found)
 
@@ -149,7 +146,7 @@ def load_or_compute_features(model: SegMoTE, images: np.ndarray, extents: np.nda
             cache = FeatureCache.load(path, expected)
             log.info("reusing embedding cache %s (%d slices)", path, len(cache))
             return cache
-        except EmbeddingCacheMismatch as exc:
+        except FeatureCacheMismatchError as exc:
             log.warning("%s; recomputing", exc)
     cache = compute_features(model, images, extents, batch_size=batch_size, autocast=autocast,
                              progress=progress, cancel=cancel)

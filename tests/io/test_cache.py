@@ -11,7 +11,7 @@ import torch
 
 import segmote_core
 from segmote_core import SegMoTEConfig, SegMoTEPredictor, build_segmote
-from segmote_core.cache import CacheMismatchError, EmbeddingCache, data_signature
+from segmote_core.cache import EmbeddingCacheMismatchError, EmbeddingCache, data_signature
 from segmote_core.io import create_cohort, open_image
 from segmote_core.progress import CancelToken, Cancelled
 
@@ -65,11 +65,11 @@ def test_refused_after_the_model_changes(tmp_path, tiny_model_128, ct_image):
     other = copy.deepcopy(tiny_model_128)
     with torch.no_grad():
         next(other.sam.image_encoder.parameters()).add_(1e-3)     # one weight differs
-    with pytest.raises(CacheMismatchError, match=r"emb\.zarr.*weights_sha256"):
+    with pytest.raises(EmbeddingCacheMismatchError, match=r"emb\.zarr.*weights_sha256"):
         EmbeddingCache.for_volume(tmp_path / "emb.zarr", SegMoTEPredictor(other), img)
     torch.manual_seed(0)
     reconfigured = build_segmote(SegMoTEConfig(model_type="tiny", image_size=128, num_experts=2))
-    with pytest.raises(CacheMismatchError, match="config"):
+    with pytest.raises(EmbeddingCacheMismatchError, match="config"):
         EmbeddingCache.for_volume(tmp_path / "emb.zarr", SegMoTEPredictor(reconfigured), img)
 
 
@@ -80,12 +80,12 @@ def test_refused_after_the_data_or_version_changes(tmp_path, tiny_model_128, ct_
     changed = vol.copy()
     changed[4, 10, 10] += 1                                            # one voxel
     assert data_signature(changed) != data_signature(vol) == data_signature(img)
-    with pytest.raises(CacheMismatchError, match="data_sha256"):
+    with pytest.raises(EmbeddingCacheMismatchError, match="data_sha256"):
         EmbeddingCache.for_volume(tmp_path / "emb.zarr", p, changed)
-    with pytest.raises(CacheMismatchError, match="window"):
+    with pytest.raises(EmbeddingCacheMismatchError, match="window"):
         EmbeddingCache.for_volume(tmp_path / "emb.zarr", p, vol, window="lung")
     monkeypatch.setattr(segmote_core, "__version__", "9.9.9")
-    with pytest.raises(CacheMismatchError, match="segmote_version"):
+    with pytest.raises(EmbeddingCacheMismatchError, match="segmote_version"):
         EmbeddingCache.for_volume(tmp_path / "emb.zarr", p, vol)
     monkeypatch.undo()
     fresh = EmbeddingCache.for_volume(tmp_path / "emb.zarr", p, changed, overwrite=True)
@@ -127,5 +127,5 @@ def test_put_get_grow_and_foreign_store(tmp_path, predictor):
     np.testing.assert_array_equal(got["interm_embeddings"], emb["interm_embeddings"])
     assert cache.done_slices() == [7]
     create_cohort(tmp_path / "cohort.zarr")
-    with pytest.raises(CacheMismatchError, match="not a SegMoTE embedding cache"):
+    with pytest.raises(EmbeddingCacheMismatchError, match="not a SegMoTE embedding cache"):
         EmbeddingCache(tmp_path / "cohort.zarr", {"d": 1})

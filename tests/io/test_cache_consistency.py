@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segmote_core import SegMoTEPredictor
-from segmote_core.cache import CacheMismatchError, EmbeddingCache
+from segmote_core.cache import EmbeddingCacheMismatchError, EmbeddingCache
 from segmote_core.volume import PredictorSegmenter, SlicePrompt, propagate
 
 from tests.io.volumes import EncoderCalls, ct_volume
@@ -21,18 +21,18 @@ def test_compute_and_propagate_refuse_a_different_normalisation_or_model(tmp_pat
     cache = EmbeddingCache.for_volume(tmp_path / "e.zarr", predictor, vol, modality="CT")
     calls = EncoderCalls(tiny_model_128)
     try:
-        with pytest.raises(CacheMismatchError, match=r"e\.zarr.*modality \(cache 'CT', now 'MR'\)"):
+        with pytest.raises(EmbeddingCacheMismatchError, match=r"e\.zarr.*modality \(cache 'CT', now 'MR'\)"):
             cache.compute_volume(vol, predictor, "MR")
-        with pytest.raises(CacheMismatchError, match="window"):
+        with pytest.raises(EmbeddingCacheMismatchError, match="window"):
             cache.compute_volume(vol, predictor, "CT", window="lung")
-        with pytest.raises(CacheMismatchError, match="3 slice"):
+        with pytest.raises(EmbeddingCacheMismatchError, match="3 slice"):
             cache.compute_volume(vol[:2], predictor, "CT")
         other = copy.deepcopy(tiny_model_128)
         with torch.no_grad():
             next(other.sam.mask_decoder.parameters()).add_(1e-3)
-        with pytest.raises(CacheMismatchError, match="weights_sha256"):
+        with pytest.raises(EmbeddingCacheMismatchError, match="weights_sha256"):
             cache.compute_volume(vol, SegMoTEPredictor(other, precision="fp32"), "CT")
-        with pytest.raises(CacheMismatchError, match="modality"):
+        with pytest.raises(EmbeddingCacheMismatchError, match="modality"):
             PredictorSegmenter(predictor, vol, "MR", cache=cache)
         assert calls.images == 0 and cache.done_slices() == []      # nothing computed or stored
         assert cache.compute_volume(vol, predictor, "CT") == 3 and calls.images == 3

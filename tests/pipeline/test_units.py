@@ -11,7 +11,7 @@ import zarr
 
 from pipeline.cases import CaseError, boxes_from_labels, iter_tasks, open_case, read_batch
 from pipeline.report import case_row, read_report, write_report, write_review_queue
-from pipeline.store import OutputStore, SignatureMismatch
+from pipeline.store import OutputStore, OutputStoreMismatchError
 from pipeline.worker import ModelSpec, SegmentWorker, SliceTask
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort
@@ -77,7 +77,7 @@ def test_store_resume_and_signature(tmp_path, cohort):
     again.begin("c2", (4, 4))  # redone from scratch, never appended to
     assert np.asarray(again.root["c2"]["labels"][...]).sum() == 0
     other = {"model": {"weights_sha256": "b"}, "mode": "auto"}
-    with pytest.raises(SignatureMismatch, match="--overwrite"):
+    with pytest.raises(OutputStoreMismatchError, match="--overwrite"):
         OutputStore(out, cohort, other)
     assert OutputStore(out, cohort, sig).is_complete("c1")  # refusal changed nothing
     replaced = OutputStore(out, cohort, other, overwrite=True)
