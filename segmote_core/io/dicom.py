@@ -169,6 +169,17 @@ def _non_image_reason(ds: Any) -> str:
     return ""
 
 
+def _cut_before_pixels(path: Path, ds: Any) -> bool:
+    """An image SOP class whose header read ran to the end of the file (pydicom stops quietly
+    at a cut inside the header): the pixel data, and maybe Rows/Columns, are missing."""
+    from pydicom.uid import UID
+
+    sop = _sop_class(ds)
+    if "Image Storage" not in (UID(sop).name if sop else ""):
+        return False
+    return int(ds._segmote_pixel_offset) >= path.stat().st_size
+
+
 def _is_localizer(ds: Any) -> bool:
     kinds = [str(v).upper() for v in (ds.get("ImageType") or ds.get("FrameType") or [])]
     return any(k in _LOCALIZER for k in kinds)
@@ -190,6 +201,11 @@ def scan_dicom(paths: Iterable[str | Path]) -> list[DicomSeries]:
             out.append(DicomSeries("", "", [path], status="failed", case_id=_file_case_id(path),
                                    reason=f"unreadable DICOM ({type(exc).__name__}: {exc})"))
             continue
+        if _cut_before_pixels(path, ds):
+            out.append(DicomSeries(str(ds.get("SeriesInstanceUID", "")), "", [path],
+                                   status="failed", case_id=_file_case_id(path),
+                                   reason="truncated: the file ends before its pixel data"))
+            continue
         reason = _non_image_reason(ds)
         series_uid, study_uid = str(ds.get("SeriesInstanceUID", "")), str(
             ds.get("StudyInstanceUID", ""))
@@ -210,6 +226,12 @@ def scan_dicom(paths: Iterable[str | Path]) -> list[DicomSeries]:
                                       case_id=dicom_case_id(study_uid, series_uid))
         groups[key].files.append(path)
         groups[key].headers.append(ds)
+    by_uid = {k[1]: g for k, g in groups.items()}
+    for bad in [b for b in out if b.status == "failed" and b.series_uid in by_uid]:
+        # a damaged file whose series is known fails that series (not a gap further on)
+        g = by_uid[bad.series_uid]
+        g.status, g.reason = "failed", f"{bad.files[0].name}: {bad.reason}"
+        out.remove(bad)
     for s in groups.values():
         scouts = [i for i, ds in enumerate(s.headers) if _is_localizer(ds)]
         if scouts:
