@@ -2,7 +2,8 @@
 
 Exit codes: 0 every selected case is complete; 1 at least one case failed (see the report);
 2 the run could not start (bad options, missing model, output of another model without
-``--overwrite``); 130 interrupted (rerun the same command to resume).
+``--overwrite``, an input inside the output, another run writing the same output, an output
+that cannot be written); 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -85,13 +86,16 @@ def options_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``segmote batch``; returns the exit code."""
+    from segmote_core.locking import StoreLockedError
+
     from .engine import ModelLoadError
     from .runner import OutputStoreMismatchError, run_batch
 
     try:
         opts = options_from_args(args)
         summary = run_batch(opts)
-    except (OutputStoreMismatchError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+    except (OutputStoreMismatchError, ModelLoadError, StoreLockedError, ValueError,
+            FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

@@ -23,17 +23,29 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from segmote_core.errors import OutputStoreMismatchError
+from segmote_core.locking import StoreLock, lock_path
 
-__all__ = ["OutputStore", "OutputStoreMismatchError", "signature_hash", "STORE_KIND"]
+__all__ = ["OutputStore", "OutputStoreMismatchError", "ForeignNodeError", "signature_hash",
+           "STORE_KIND"]
 
 log = logging.getLogger(__name__)
 
 STORE_KIND = {"kind": "labels", "version": 1}
+
+
+class ForeignNodeError(RuntimeError):
+    """A node in the output store that the store did not write (never touched)."""
+
+
+def _kind(attrs: Any) -> Any:
+    """``attrs["segmote"]["kind"]``, or ``None`` when the attrs are malformed."""
+    seg = attrs.get("segmote") if isinstance(attrs, dict) else None
+    return seg.get("kind") if isinstance(seg, dict) else None
 
 
 def signature_hash(signature: dict[str, Any]) -> str:
@@ -48,19 +60,36 @@ class OutputStore:
         path: the output store (never the input cohort nor inside it).
         cohort: the input cohort path (checked, recorded).
         signature: model + configuration signature of this run.
-        overwrite: replace outputs of another signature instead of refusing.
+        overwrite: replace outputs of another signature instead of refusing (only case groups
+            this store wrote are ever deleted: see :meth:`owns`).
+        inputs: other files the run reads (checkpoints): checked to lie outside ``path``.
+        lock: the store's :class:`~segmote_core.locking.StoreLock`, held by the caller; without
+            one the store takes its own (:meth:`close` releases it).
     Raises:
         OutputStoreMismatchError: the store holds another signature and ``overwrite`` is false.
         ValueError: ``path`` is the cohort, inside it, or an unrelated zarr/file.
     """
 
     def __init__(self, path: str | Path, cohort: str | Path, signature: dict[str, Any],
-                 overwrite: bool = False) -> None:
-        import zarr
+                 overwrite: bool = False, inputs: Sequence[str | Path] = (),
+                 lock: StoreLock | None = None) -> None:
 
         self.path = Path(path).resolve()
         cohort = Path(cohort).resolve()
-        self.precheck(self.path, cohort)
+        self.precheck(self.path, cohort, inputs)
+        self._own_lock = lock is None
+        self.lock = lock if lock is not None else StoreLock(self.path, "an OutputStore")
+        if not self.lock.held or lock_path(self.path) != self.lock.path:
+            raise ValueError(f"{self.path}: the lock passed is not this store's held lock")
+        try:
+            self._open(cohort, signature, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, cohort: Path, signature: dict[str, Any], overwrite: bool) -> None:
+        import zarr
+
         self.signature = signature
         self.sha = signature_hash(signature)
         if self.path.exists():
@@ -69,7 +98,7 @@ class OutputStore:
             except Exception as exc:  # noqa: BLE001 - zarr raises several types
                 raise ValueError(f"{self.path} exists and is not a zarr group: {exc}") from exc
             attrs = dict(self.root.attrs)
-            if (attrs.get("segmote") or {}).get("kind") != "labels":
+            if _kind(attrs) != "labels":
                 raise ValueError(f"{self.path} exists and is not a SegMoTE labels store "
                                  f"(attrs['segmote'] = {attrs.get('segmote')!r})")
             old = attrs.get("signature_sha256")
@@ -88,31 +117,37 @@ class OutputStore:
                                 "signature": signature, "signature_sha256": self.sha})
 
     @staticmethod
-    def precheck(path: str | Path, cohort: str | Path) -> None:
-        """Cheap checks before any work starts: not the input, not an unrelated store.
+    def precheck(path: str | Path, cohort: str | Path, inputs: Sequence[str | Path] = ()) -> None:
+        """Cheap checks before any work starts (and before ``--overwrite`` deletes anything):
+        the output is not an input, holds no input and lies in no input; it is not an unrelated
+        store. Paths are compared resolved (symlinks followed).
 
         Raises:
             ValueError: naming the path and the problem.
         """
-        import json as _json
-
         path, cohort = Path(path).resolve(), Path(cohort).resolve()
         if path == cohort or cohort in path.parents:
             raise ValueError(f"output {path} is the input cohort or inside it; the input "
                              f"is never written to: choose another output path")
+        for name, where in [("input cohort", cohort)] + [("input", Path(p).resolve())
+                                                          for p in inputs if p]:
+            if path in where.parents:
+                raise ValueError(f"the {name} {where} lies inside the output {path}; the "
+                                 f"output store would hold (and --overwrite could delete) an "
+                                 f"input: move the input out of it or choose another output")
         if path.exists():
-            meta = path / "zarr.json"
+            kind = None
             try:
-                kind = (_json.loads(meta.read_text()).get("attributes", {})
-                        .get("segmote", {}).get("kind"))
+                attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+                kind = _kind(attrs)
             except (OSError, ValueError, AttributeError):
-                kind = None
+                pass
             if kind != "labels":
                 raise ValueError(f"{path} exists and is not a SegMoTE labels store; choose "
                                  f"another output path")
 
     def _foreign_cases(self) -> list[str]:
-        """Complete cases signed by another signature."""
+        """Complete cases this store wrote under another signature."""
         out = []
         for name, attrs in self._case_attrs():
             if attrs.get("complete") is True and attrs.get("signature_sha256") != self.sha:
@@ -125,20 +160,45 @@ class OutputStore:
             warnings.filterwarnings("ignore", message=".*not recognized as a component")
             return list(self.root.groups())
 
+    def owns(self, name: str) -> bool:
+        """True when ``name`` is a case group this store wrote: a group holding exactly one
+        array, ``labels``, signed by a run (``signature_sha256`` in its attrs). Nothing else in
+        the folder (a cohort someone put there, a user's own arrays, files) is ever deleted or
+        written over."""
+        try:
+            if name not in self.root:
+                return False
+            group = self.root[name]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not recognized as a component")
+                members = [k for k, _ in group.members()]
+            if members != ["labels"] or dict(group.attrs):
+                return False
+            return "signature_sha256" in dict(group["labels"].attrs)
+        except Exception:  # noqa: BLE001 - unreadable: not provably ours, so not touched
+            return False
+
     def _case_attrs(self) -> list[tuple[str, dict[str, Any]]]:
         out = []
         for name, group in self._groups():
+            if not self.owns(name):
+                continue
             try:
-                out.append((name, dict(group["labels"].attrs) if "labels" in group else {}))
+                out.append((name, dict(group["labels"].attrs)))
             except Exception:  # noqa: BLE001 - half-written metadata: treated as incomplete
                 out.append((name, {}))
         return out
 
     def _drop_foreign(self, names: list[str] | None) -> None:
         names = names if names is not None else [n for n, _ in self._groups()]
+        mine = [n for n in names if self.owns(n)]
+        kept = sorted(set(names) - set(mine))
+        if kept:
+            log.warning("--overwrite: %s: not deleting %s (not written by segmote batch)",
+                        self.path, ", ".join(kept[:10]))
         log.warning("--overwrite: deleting %d case(s) of another signature from %s",
-                    len(names), self.path)
-        for name in names:
+                    len(mine), self.path)
+        for name in mine:
             del self.root[name]
 
     def is_complete(self, case_id: str) -> bool:
@@ -157,7 +217,11 @@ class OutputStore:
     def begin(self, case_id: str, shape: tuple[int, ...], dtype: str = "uint8") -> Any:
         """(Re)create ``<case>/labels`` with ``complete: false``; stale contents are deleted."""
         if case_id in self.root:
-            log.info("%s: redoing incomplete case %s", self.path, case_id)
+            if not self.owns(case_id):
+                raise ForeignNodeError(f"{self.path}/{case_id} exists and was not written by "
+                                       f"segmote batch: it is left as it is; move it away to "
+                                       f"segment this case")
+            log.info("%s: redoing case %s", self.path, case_id)
             del self.root[case_id]
         chunks = (1, *shape[1:]) if len(shape) == 3 else tuple(shape)
         arr = self.root.create_group(case_id).create_array(
@@ -187,7 +251,18 @@ class OutputStore:
         })
         arr.attrs["complete"] = True
 
+    def close(self) -> None:
+        """Release the lock the store took itself (a caller's lock stays with the caller)."""
+        if self._own_lock:
+            self.lock.release()
+
+    def __enter__(self) -> "OutputStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def discard(self, case_id: str) -> None:
         """Remove a failed case's partial output (a rerun redoes it)."""
-        if case_id in self.root:
+        if self.owns(case_id):
             del self.root[case_id]

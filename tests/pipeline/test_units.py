@@ -72,39 +72,47 @@ def test_store_resume_and_signature(tmp_path, cohort):
     attrs = store.case_attrs("c1")
     assert attrs["confidence"] == [0.5, None] and attrs["expert"] == [1, -1]
     store.begin("c2", (4, 4))  # left incomplete, as after a kill
-    again = OutputStore(out, cohort, sig)
-    assert again.is_complete("c1") and not again.is_complete("c2")
-    again.begin("c2", (4, 4))  # redone from scratch, never appended to
-    assert np.asarray(again.root["c2"]["labels"][...]).sum() == 0
+    store.close()  # one writer per store: the next one opens after this one let go
+    with OutputStore(out, cohort, sig) as again:
+        assert again.is_complete("c1") and not again.is_complete("c2")
+        again.begin("c2", (4, 4))  # redone from scratch, never appended to
+        assert np.asarray(again.root["c2"]["labels"][...]).sum() == 0
     other = {"model": {"weights_sha256": "b"}, "mode": "auto"}
     with pytest.raises(OutputStoreMismatchError, match="--overwrite"):
         OutputStore(out, cohort, other)
-    assert OutputStore(out, cohort, sig).is_complete("c1")  # refusal changed nothing
-    replaced = OutputStore(out, cohort, other, overwrite=True)
-    assert not replaced.is_complete("c1") and "c1" not in replaced.root
+    with OutputStore(out, cohort, sig) as same:
+        assert same.is_complete("c1")  # refusal changed nothing
+    with OutputStore(out, cohort, other, overwrite=True) as replaced:
+        assert not replaced.is_complete("c1") and "c1" not in replaced.root
     with pytest.raises(ValueError, match="inside"):
         OutputStore(cohort / "labels.zarr", cohort, sig)
 
 
 def test_report_and_review_queue(tmp_path):
-    rows = [case_row("b", "done", slices=2, confidence=[0.9, 0.7], expert=[1, 1], labels="L"),
-            case_row("a", "skipped", slices=2, confidence=[0.2, 0.6], expert=[0, 3]),
+    rows = [case_row("b", "done", slices=2, confidence=[0.2, 0.6], expert=[1, 1], labels="L",
+                     qc=[0.9, 0.7]),
+            case_row("a", "skipped", slices=4, confidence=[0.9, 0.7, 0.8, 0.8], expert=[0, 3],
+                     qc=[0.2, 0.6, 0.9, None]),
             case_row("c", "failed", error="c: cannot read slices 1-1: corrupt"),
-            case_row("d", "done", slices=1, confidence=[None], expert=[-1])]
+            case_row("d", "done", slices=1, confidence=[None], expert=[-1], qc=[None])]
     write_report(tmp_path, rows)
     df = read_report(tmp_path)
     assert df.case.tolist() == ["a", "b", "c", "d"]
     assert df.status.tolist() == ["skipped", "done", "failed", "done"]
     assert df.loc[2, "error"].startswith("c: cannot read")
-    assert df.loc[1, "mean_confidence"] == pytest.approx(0.8)
-    assert df.loc[0, "min_confidence"] == pytest.approx(0.2)
+    assert df.loc[1, "mean_router_confidence"] == pytest.approx(0.4)
+    assert df.loc[0, "min_router_confidence"] == pytest.approx(0.7)
+    # the case QC is the mean of its worst quarter of rated slices (here: one of three)
+    assert df.loc[0, "qc"] == pytest.approx(0.2) and df.loc[1, "qc"] == pytest.approx(0.7)
+    assert df.loc[0, "empty_slices"] == 1 and df.loc[0, "worst_slices"] == "0 1 2"
     assert json.loads(df.loc[0, "expert_usage"]) == {"0": 1, "3": 1}
-    queue = write_review_queue(tmp_path, rows, {"b": [0.9, 0.7], "a": [0.2, 0.6], "d": [None]})
+    queue = write_review_queue(tmp_path, rows)
     import pandas as pd
 
     q = pd.read_csv(queue, keep_default_na=False)
-    assert q.case.tolist() == ["a", "b", "d"]  # least confident first, unknown last
-    assert q.least_confident_slices.astype(str).tolist()[:2] == ["0 1", "1 0"]
+    # nothing segmented first, then lowest QC first; the router confidence is not the order
+    assert q.case.tolist() == ["d", "a", "b"]
+    assert q.worst_slices.astype(str).tolist() == ["", "0 1 2", "1 0"]
 
 
 def test_worker_matches_segment_batch_and_reports_errors(tmp_path):
