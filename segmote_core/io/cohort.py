@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +29,19 @@ from ..progress import CancelToken, ProgressCallback, report
 from .image import ImageReadError, MedicalImage, check_image_dtype, spacing_affine
 
 __all__ = ["COHORT_VERSION", "COHORT_KIND", "CohortError", "CohortNotFoundError", "Case",
-           "Cohort", "create_cohort", "write_case", "open_cohort", "valid_case_id", "slice_chunks"]
+           "Cohort", "create_cohort", "write_case", "open_cohort", "valid_case_id", "slice_chunks",
+           "RESERVED_NAMES", "missing_slices"]
 
 log = logging.getLogger(__name__)
 
 COHORT_VERSION = 1
 COHORT_KIND = {"kind": "cohort", "version": COHORT_VERSION}
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: names a store keeps for itself (the batch report and review queue, zarr's metadata, the
+#: lock and ingest report beside a store): never case ids, whatever their case.
+RESERVED_NAMES = frozenset({"report.parquet", "report.csv", "review_queue.csv", "zarr.json",
+                            ".zgroup", ".zarray", ".zattrs"})
+_RESERVED_SUFFIXES = (".lock", ".ingest_report.csv")
 
 
 class CohortError(ValueError):
@@ -52,11 +60,42 @@ def slice_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def valid_case_id(case_id: str) -> str:
-    """Check a case id: letters, digits, ``.``, ``_``, ``-``; starts with a letter or digit."""
+    """Check a case id: letters, digits, ``.``, ``_``, ``-``; starts with a letter or digit; not
+    one of :data:`RESERVED_NAMES` (nor ending ``.lock``). Raises ValueError saying why."""
     if not isinstance(case_id, str) or not _CASE_ID.match(case_id):
         raise ValueError(f"invalid case id {case_id!r}: use letters, digits, '.', '_' and '-' "
                          "(at most 128, starting with a letter or digit)")
+    low = case_id.lower()
+    if low in RESERVED_NAMES or low.endswith(_RESERVED_SUFFIXES):
+        raise ValueError(f"invalid case id {case_id!r}: the name is reserved for the store's "
+                         f"own files (report, review queue, lock); rename the case")
     return case_id
+
+
+def missing_slices(arr: Any, start: int, stop: int) -> list[int] | None:
+    """Slices ``start..stop-1`` of a ``(Z, Y, X)`` zarr array (whole-slice chunks) whose chunk is
+    not stored, or ``None`` when the store cannot be asked.
+
+    Reading an absent chunk returns the fill value: zeros that look like data. Only meaningful
+    for arrays whose every chunk was written (``attrs["all_chunks_stored"]``, set by
+    :func:`write_case`); zarr otherwise skips chunks equal to the fill value."""
+    from zarr.core.sync import sync
+
+    try:
+        outer = tuple(arr.shards or arr.chunks)
+        keys = {}
+        for z in range(start, stop):
+            coord = (z // outer[0],) + (0,) * (arr.ndim - 1)
+            keys.setdefault(coord, []).append(z)
+        out = []
+        for coord, zs in keys.items():
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key(coord)}".lstrip("/")
+            if not sync(arr.store.exists(key)):
+                out.extend(zs)
+        return out
+    except Exception as exc:  # noqa: BLE001 - a store that cannot say (v2 layouts, remote)
+        log.debug("cannot check chunk presence of %s: %s", getattr(arr, "path", arr), exc)
+        return None
 
 
 def create_cohort(path: str | Path) -> Any:
@@ -83,10 +122,18 @@ def _cohort_root(path: Path, mode: str = "r") -> Any:
     except Exception as exc:  # zarr raises several types for a foreign store
         raise CohortError(f"{path}: not a zarr group ({type(exc).__name__}: {exc})") from exc
     seg = dict(root.attrs).get("segmote") or {}
+    if not isinstance(seg, dict):
+        raise CohortError(f"{path / 'zarr.json'}: malformed attributes: 'segmote' is "
+                          f"{seg!r}, expected {{'kind': 'cohort', 'version': ...}}")
     if seg.get("kind") != "cohort":
         raise CohortError(f"{path}: not a SegMoTE cohort (attrs['segmote']['kind'] is "
                           f"{seg.get('kind')!r}, expected 'cohort')")
-    if int(seg.get("version", 0)) > COHORT_VERSION:
+    try:
+        version = int(seg.get("version", 0))
+    except (TypeError, ValueError):
+        raise CohortError(f"{path / 'zarr.json'}: malformed attributes: segmote version "
+                          f"{seg.get('version')!r} is not a number") from None
+    if version > COHORT_VERSION:
         raise CohortError(f"{path}: cohort format version {seg.get('version')} is newer than "
                           f"this package reads ({COHORT_VERSION})")
     return root
@@ -98,15 +145,18 @@ def _slice_chunks(shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
 
 def _write_array(group: Any, name: str, data: Any, axes: str, where: str,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                 labels: bool = False) -> tuple[Any, int]:
-    """Copy ``data`` slice by slice; returns the array and the count of non-finite voxels."""
+                 labels: bool = False) -> tuple[Any, int, list[int]]:
+    """Copy ``data`` slice by slice; returns the array, the count of non-finite voxels and the
+    slices holding no finite value. Every chunk is stored, also those equal to the fill value,
+    so that a chunk file missing later is told apart from data (:func:`missing_slices`)."""
     shape = tuple(int(s) for s in data.shape)
     dtype = np.dtype(data.dtype)
     if dtype == np.float16:
         dtype = np.dtype(np.float32)
     arr = group.create_array(name, shape=shape, dtype=dtype, chunks=_slice_chunks(shape, axes),
-                             fill_value=0, overwrite=True)
+                             fill_value=0, overwrite=True, config={"write_empty_chunks": True})
     nonfinite = 0
+    empty: list[int] = []
     n = shape[0] if axes == "ZYX" else 1
     for z in range(n):
         part = np.asarray(data[z]) if axes == "ZYX" else np.asarray(data)
@@ -115,15 +165,18 @@ def _write_array(group: Any, name: str, data: Any, axes: str, where: str,
         if not labels and part.dtype.kind == "f":
             bad = int(np.count_nonzero(~np.isfinite(part)))
             if bad == part.size:
-                raise ImageReadError(where, f"slice {z} of {n} holds only NaN/inf values"
-                                     if axes == "ZYX" else "all values are NaN or infinite")
+                empty.append(z)
             nonfinite += bad
         if axes == "ZYX":
             arr[z] = part
         else:
             arr[...] = part
         report(progress, z + 1, n, cancel)
-    return arr, nonfinite
+    if empty and len(empty) == n:  # a slice without data is accepted; an image without, not
+        raise ImageReadError(where, "all values are NaN or infinite" if n == 1 else
+                             f"all values of all {n} slices are NaN or infinite")
+    arr.attrs["all_chunks_stored"] = True
+    return arr, nonfinite, empty
 
 
 def write_case(cohort: str | Path, case_id: str, image: Any, *,
@@ -131,8 +184,13 @@ def write_case(cohort: str | Path, case_id: str, image: Any, *,
                modality: str = "auto", labels: Any = None, attrs: dict[str, Any] | None = None,
                axes: str | None = None, overwrite: bool = True,
                progress: ProgressCallback | None = None,
-               cancel: CancelToken | None = None) -> None:
+               cancel: CancelToken | None = None, source: str | Path | None = None) -> None:
     """Write (or rewrite) one case: ``image`` and optional ``labels``, then ``complete = True``.
+
+    Each write gets a new ``write_stamp`` (random, in the case attrs, set with ``complete``):
+    what made from the case (batch labels) records it, so a rewritten case is never taken for
+    the one it replaced. Slices holding no finite value are accepted (listed as
+    ``empty_slices``); an image with no finite value at all is refused.
 
     Args:
         image: ``(Z, Y, X)``, ``(Y, X)`` or ``(Y, X, 3)`` array-like (numpy, dask, zarr).
@@ -144,12 +202,14 @@ def write_case(cohort: str | Path, case_id: str, image: Any, *,
         overwrite: replace an existing case (its old arrays and attrs go); else raise.
         progress: ``progress(done_slices, total_slices)``; ``cancel`` stops between slices
             (the case stays ``complete: false``).
+        source: the file the image was read from, named in errors about its content.
     Raises:
         ValueError / ImageReadError / ImageTypeError: the message names the case and the problem.
     """
     valid_case_id(case_id)
     root = _cohort_root(Path(cohort), mode="r+")
     where = f"{cohort}/{case_id}"
+    content = f"{source} (case {where})" if source else where
     shape = tuple(int(s) for s in image.shape)
     if axes is None:
         rgb = len(shape) == 3 and shape[-1] == 3 and (spacing is None or len(spacing) == 2)
@@ -179,7 +239,8 @@ def write_case(cohort: str | Path, case_id: str, image: Any, *,
     group = root.create_group(case_id)
     group.attrs.update({"complete": False})
     try:
-        arr, nonfinite = _write_array(group, "image", image, axes, where, progress, cancel)
+        arr, nonfinite, empty = _write_array(group, "image", image, axes, content, progress,
+                                             cancel)
         arr.attrs.update({"spacing": list(spacing), "affine": affine.tolist(),
                           "modality": str(modality), "axes": axes})
         if labels is not None:
@@ -190,9 +251,13 @@ def write_case(cohort: str | Path, case_id: str, image: Any, *,
         raise
     extra = dict(attrs or {})
     group.attrs.update({**extra, "modality": str(modality), "spacing": list(spacing),
-                        "nonfinite_voxels": nonfinite, "complete": True})
+                        "nonfinite_voxels": nonfinite, "empty_slices": empty,
+                        "write_stamp": f"{time.time():.6f}-{secrets.token_hex(8)}",
+                        "complete": True})
     if nonfinite:
-        log.warning("%s: %d NaN/inf voxels (kept; normalisation ignores them)", where, nonfinite)
+        log.warning("%s: %d NaN/inf voxels (kept; normalisation ignores them)%s", content,
+                    nonfinite, f"; slices {empty} hold no finite value (segmented as empty)"
+                    if empty else "")
     log.info("wrote case %s %s", where, shape)
 
 
@@ -259,8 +324,19 @@ class Cohort:
         if "image" not in group:
             raise CohortError(f"{where}: case has no 'image' array")
         image = group["image"]
+        try:
+            return self._case(case_id, group, image, where)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise CohortError(f"{where}: malformed attributes in its zarr.json "
+                              f"({type(exc).__name__}: {exc}); expected spacing (numbers), "
+                              f"affine (4 x 4), modality (text)") from exc
+
+    def _case(self, case_id: str, group: Any, image: Any, where: str) -> Case:
         gattrs, iattrs = dict(group.attrs), dict(image.attrs)
         spacing_raw = iattrs.get("spacing", gattrs.get("spacing"))
+        if spacing_raw is not None and (isinstance(spacing_raw, str) or not all(
+                isinstance(v, (int, float)) for v in spacing_raw)):
+            raise ValueError(f"spacing {spacing_raw!r} is not a list of numbers")
         ndim_spatial = 2 if image.ndim == 2 or (image.ndim == 3 and iattrs.get("axes") == "YXC")\
             else 3
         if image.ndim == 3 and spacing_raw is not None and len(spacing_raw) == 2:
@@ -268,6 +344,8 @@ class Cohort:
         spacing = tuple(float(s) for s in (spacing_raw or (1.0,) * ndim_spatial))
         affine = iattrs.get("affine", gattrs.get("affine"))
         affine = spacing_affine(spacing) if affine is None else np.asarray(affine, float)
+        if affine.shape != (4, 4):
+            raise ValueError(f"affine has shape {affine.shape}")
         modality = str(iattrs.get("modality") or gattrs.get("modality") or "auto")
         labels = group["labels"] if "labels" in group else None
         return Case(case_id, image, labels, spacing, affine, modality, gattrs, where)

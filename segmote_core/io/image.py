@@ -11,16 +11,19 @@ affine overlay it in ITK-SNAP or 3D Slicer whatever its orientation (RAS, LPS, o
 
 from __future__ import annotations
 
+import contextvars
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 __all__ = [
     "MedicalImage", "ImageReadError", "ImageTypeError", "nifti_to_zyx_affine",
     "zyx_to_nifti_affine", "spacing_affine", "check_image_dtype", "check_finite", "array_of",
-    "SqueezedView", "unit_to_mm",
+    "SqueezedView", "unit_to_mm", "ReadLimits", "read_limits", "current_limits", "check_size",
 ]
 
 _PERMUTE = [2, 1, 0, 3]  # (i, j, k, 1) <-> (z, y, x, 1): reversing the three voxel axes
@@ -171,3 +174,91 @@ def unit_to_mm(unit: str | None, default: float = 1.0) -> float:
     if not unit:
         return default
     return _UNIT_MM.get(str(unit).strip().lower(), default)
+
+
+# ---------------------------------------------------------------------------- size budgets
+@dataclass(frozen=True)
+class ReadLimits:
+    """How large an image may be, checked from its header before any pixel is read.
+
+    A corrupt or hostile header can declare any shape (a 60-byte ``.nii.gz`` declaring
+    50000 x 50000); the readers refuse it here instead of allocating gigabytes. Sizes are in MiB
+    of the decoded array (its own dtype). ``None`` fields take the environment's
+    ``SEGMOTE_MAX_SLICE_MB`` / ``SEGMOTE_MAX_VOLUME_MB``, else the defaults: 1024 MiB per slice
+    (a 2D image is one slice), 32768 MiB per volume (read lazily, but written and segmented
+    whole).
+    """
+
+    slice_mb: float | None = None
+    volume_mb: float | None = None
+
+    DEFAULT_SLICE_MB = 1024.0
+    DEFAULT_VOLUME_MB = 32768.0
+
+    def resolved(self) -> tuple[float, float]:
+        def pick(value: float | None, env: str, default: float) -> float:
+            if value is not None:
+                return float(value)
+            raw = os.environ.get(env)
+            try:
+                return float(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{env}={raw!r} is not a number of MiB") from None
+        return (pick(self.slice_mb, "SEGMOTE_MAX_SLICE_MB", self.DEFAULT_SLICE_MB),
+                pick(self.volume_mb, "SEGMOTE_MAX_VOLUME_MB", self.DEFAULT_VOLUME_MB))
+
+
+_LIMITS: contextvars.ContextVar[ReadLimits | None] = contextvars.ContextVar(
+    "segmote_read_limits", default=None)
+
+
+def current_limits() -> ReadLimits:
+    """The budgets in force (:func:`read_limits`), else the environment's or the defaults."""
+    return _LIMITS.get() or ReadLimits()
+
+
+@contextmanager
+def read_limits(limits: ReadLimits | None) -> Iterator[None]:
+    """Every reader called inside uses ``limits`` (``None``: leave the budgets as they are)."""
+    if limits is None:
+        yield
+        return
+    token = _LIMITS.set(limits)
+    try:
+        yield
+    finally:
+        _LIMITS.reset(token)
+
+
+def _mib(n: float) -> str:
+    return f"{n:.3g}" if n < 1 else f"{n:,.0f}"
+
+
+def check_size(path: str | Path, shape: tuple[int, ...], dtype: Any, axes: str,
+               limits: ReadLimits | None = None) -> None:
+    """Refuse an image whose header declares more than the budgets allow (before reading it).
+
+    Args:
+        shape: the declared shape; ``axes`` ``"ZYX"`` (a volume), ``"YX"`` or ``"YXC"``.
+    Raises:
+        ImageReadError: naming the file, the size, the budget and how to raise it.
+    """
+    slice_mb, volume_mb = (limits or current_limits()).resolved()
+    shape = tuple(int(s) for s in shape)
+    item = np.dtype(dtype).itemsize if dtype is not None else 1
+    per_slice = (shape[1:] if axes == "ZYX" else shape)
+    slice_bytes = float(np.prod(per_slice, dtype=np.float64)) * item
+    total = float(np.prod(shape, dtype=np.float64)) * item
+    what = " x ".join(str(s) for s in per_slice)
+    if slice_bytes > slice_mb * 2 ** 20:
+        raise ImageReadError(path, f"a slice of {what} {np.dtype(dtype)} needs "
+                                   f"{_mib(slice_bytes / 2 ** 20)} MiB, more than the per-slice "
+                                   f"budget of {_mib(slice_mb)} MiB (a corrupt header, or an "
+                                   f"unusually large image: raise the budget with --max-slice-mb "
+                                   f"or SEGMOTE_MAX_SLICE_MB)")
+    if total > volume_mb * 2 ** 20:
+        raise ImageReadError(path, f"a volume of {' x '.join(str(s) for s in shape)} "
+                                   f"{np.dtype(dtype)} needs {_mib(total / 2 ** 20)} MiB, more "
+                                   f"than the per-volume budget of {_mib(volume_mb)} MiB (a "
+                                   f"corrupt header, or an unusually large image: raise the "
+                                   f"budget with --max-volume-mb or SEGMOTE_MAX_VOLUME_MB)")

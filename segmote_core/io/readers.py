@@ -10,18 +10,21 @@ than deep inside a run.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .image import (ImageReadError, MedicalImage, SqueezedView, check_finite, check_image_dtype,
-                    nifti_to_zyx_affine, spacing_affine, unit_to_mm)
+from .image import (ImageReadError, MedicalImage, ReadLimits, SqueezedView, check_finite,
+                    check_image_dtype, check_size, nifti_to_zyx_affine, read_limits,
+                    spacing_affine, unit_to_mm)
 
 __all__ = ["open_image", "guess_modality", "image_format", "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
+_PIL_GUARD = threading.Lock()  # PIL's bomb guard is a module global
 
 _NIFTI = (".nii", ".nii.gz")
 _TIFF = (".tif", ".tiff")
@@ -64,7 +67,8 @@ def guess_modality(sample: np.ndarray, rgb: bool = False, is_2d: bool = False) -
     return "MR"
 
 
-def open_image(path: str | Path, modality: str | None = None) -> MedicalImage:
+def open_image(path: str | Path, modality: str | None = None,
+               limits: ReadLimits | None = None) -> MedicalImage:
     """Open any supported image or volume (see the module docstring).
 
     Args:
@@ -73,6 +77,8 @@ def open_image(path: str | Path, modality: str | None = None) -> MedicalImage:
             DICOM: a file (its series), a folder or tree holding one series
             (:func:`segmote_core.io.dicom.open_dicom`).
         modality: overrides the guess (:func:`guess_modality`).
+        limits: size budgets checked from the header before any pixel is read (default: the
+            environment's ``SEGMOTE_MAX_SLICE_MB`` / ``SEGMOTE_MAX_VOLUME_MB`` or 1 / 32 GiB).
     Returns:
         :class:`MedicalImage` with ``data`` ``(Z, Y, X)`` (dask), ``(Y, X)`` or ``(Y, X, 3)``.
     Raises:
@@ -91,7 +97,8 @@ def open_image(path: str | Path, modality: str | None = None) -> MedicalImage:
     reader = {"nifti": _read_nifti, "tiff": _read_tiff, "pil": _read_pil, "zarr": _read_zarr,
               "dicom": _read_dicom}[fmt]
     try:
-        img = reader(path)
+        with read_limits(limits):
+            img = reader(path)
     except (ImageReadError, FileNotFoundError):
         raise
     except Exception as exc:  # nibabel/tifffile/PIL/zarr raise many types for broken files
@@ -170,6 +177,7 @@ def _read_nifti(path: Path) -> MedicalImage:
     shape = _squeeze_to(raw_shape, keep, path, "NIfTI image")
     if 0 in shape:
         raise ImageReadError(path, f"image is empty (shape {raw_shape})")
+    check_size(path, shape[::-1], hdr.get_data_dtype(), "ZYX" if len(shape) == 3 else "YX")
     zooms = tuple(float(z) for z in hdr.get_zooms()[: len(shape)])
     affine = nifti_to_zyx_affine(nii.affine)
     meta = {"format": "nifti", "nifti_affine": np.asarray(nii.affine, float),
@@ -253,6 +261,8 @@ def _read_tiff(path: Path) -> MedicalImage:
         raise ImageReadError(path, f"TIFF series of shape {shape} (axes {axes}) has more than "
                                    f"one non-spatial axis; expected (Y, X), (Y, X, 3) or (Z, Y, X)")
     meta = {"format": "tiff", "tiff_axes": axes}
+    check_size(path, (*lead, *spatial, *((3,) if rgb else ())), dtype,
+               "ZYX" if lead else "YXC" if rgb else "YX")
     if not lead:  # 2D (grey or RGB): small enough to read now
         arr = np.asarray(tifffile.imread(str(path))).reshape(*spatial, *(shape[-1:] if rgb else ()))
         if rgb:
@@ -282,9 +292,22 @@ def _read_tiff(path: Path) -> MedicalImage:
 def _read_pil(path: Path) -> MedicalImage:
     from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(str(path)) as im:
+    with _PIL_GUARD:
+        # The size budget below (from the header, before decoding) replaces PIL's own
+        # decompression-bomb guard, so that raising the budget also lets PIL open the file.
+        guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(str(path))
+        finally:
+            Image.MAX_IMAGE_PIXELS = guard
+    with im:
+        width, height = im.size
+        bands = len(im.getbands())
+        item = {"I": 4, "F": 4}.get(im.mode, 2 if im.mode.startswith("I;16") else 1)
+        check_size(path, (height, width, *((bands,) if bands > 1 else ())), f"u{item}",
+                   "YXC" if bands > 1 else "YX")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im.load()  # decodes now: a truncated or corrupt file fails here
             mode = im.mode
             if mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "1"):
@@ -309,6 +332,7 @@ def _read_zarr(path: Path) -> MedicalImage:
     from .zarr_image import read_zarr_image
 
     arr, spacing, affine, modality, axes, meta = read_zarr_image(path)
+    check_size(path, tuple(arr.shape), arr.dtype, axes)
     if axes == "ZYX":
         data = _lazy_volume(arr, tuple(arr.shape), np.dtype(arr.dtype))
     else:
