@@ -1,4 +1,5 @@
-"""npe2 reader: NIfTI images and SegMoTE cohort cases (zarr, SPEC 2.1) into napari layers.
+"""npe2 reader: NIfTI images, DICOM series and SegMoTE cohort cases (zarr, SPEC 2.1) into
+napari layers.
 
 Layers carry ``metadata["segmote"]`` = modality, spacing, affine and source, so the writer can
 save labels with the source affine and the widget can pick the modality. Volumes stay lazy.
@@ -14,9 +15,9 @@ from typing import Any, Callable
 import numpy as np
 
 from segmote_core.io import open_cohort
-from segmote_core.io.readers import open_image
+from segmote_core.io.readers import image_format, open_image
 
-__all__ = ["napari_get_reader", "read_nifti", "read_cohort", "image_layer_data"]
+__all__ = ["napari_get_reader", "read_nifti", "read_dicom", "read_cohort", "image_layer_data"]
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,18 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
         return None
     return read_paths
 
+        if image_format(p) == "dicom":  # a DICOM file (its series) or a folder of one series
+            continue
 
 def read_paths(path: str | list[str]) -> list[LayerData]:
     paths = path if isinstance(path, list) else [path]
     layers: list[LayerData] = []
     for p in paths:
         p = Path(str(p))
-        layers.extend(read_nifti(p) if p.name.endswith((".nii", ".nii.gz")) else read_cohort(p))
+        if p.name.endswith((".nii", ".nii.gz")):
+            layers.extend(read_nifti(p))
+        else:
+            layers.extend(read_dicom(p) if image_format(p) == "dicom" else read_cohort(p))
     return layers
 
 
@@ -95,6 +101,17 @@ def read_cohort(path: Path) -> list[LayerData]:
     kind = _zarr_kind(path)
     root = path if kind == "cohort" else path.parent
     cohort = open_cohort(root)
+def read_dicom(path: Path) -> list[LayerData]:
+    """A DICOM series: scale and world affine as for NIfTI, the series' own display window."""
+    img = open_image(path)
+    layer = image_layer_data(img.data, path.name, img.modality, img.spacing, img.affine,
+                             str(path), rgb=img.axes == "YXC")
+    if img.meta.get("window") and img.axes != "YXC":
+        centre, width = img.meta["window"]
+        layer[1]["contrast_limits"] = (centre - width / 2, centre + width / 2)
+    return [layer]
+
+
     case_ids = cohort.case_ids() if kind == "cohort" else [path.name]
     layers: list[LayerData] = []
     for case_id in case_ids:

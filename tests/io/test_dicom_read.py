@@ -273,3 +273,28 @@ def test_rgb_secondary_capture_is_yxc(tmp_path):
     img = open_image(tmp_path / "rgb.dcm")
     assert img.axes == "YXC" and img.shape == (ds.Rows, ds.Columns, 3)
     np.testing.assert_array_equal(img.data, ds.pixel_array)
+
+
+def test_napari_reader_opens_a_dicom_folder_like_its_nifti(tmp_path, phantom):
+    pytest.importorskip("napari")
+    from napari_segmote._reader import napari_get_reader
+
+    hu, _, spacing = phantom
+    s = write_series(tmp_path / "ct", hu, spacing=spacing, iop=oblique_iop())
+    nifti = dcm2niix_style_nifti(tmp_path / "ct.nii.gz", hu, s.affine)
+    (tmp_path / "empty_dir").mkdir()
+    reader = napari_get_reader(str(tmp_path / "ct"))
+    assert reader is not None and napari_get_reader(str(tmp_path / "empty_dir")) is None
+    [(data, kwargs, kind)] = reader(str(tmp_path / "ct"))
+    [(ndata, nkwargs, _)] = napari_get_reader(str(nifti))(str(nifti))
+    assert kind == "image"
+    np.testing.assert_array_equal(np.asarray(data), hu)
+    np.testing.assert_allclose(kwargs["scale"], nkwargs["scale"])     # same voxel size
+    np.testing.assert_allclose(kwargs["scale"], spacing)
+    aff = np.asarray(kwargs["metadata"]["segmote"]["affine"])
+    naff = np.asarray(nkwargs["metadata"]["segmote"]["affine"])
+    for c in corners(hu.shape):                                       # same world corners
+        flipped = c.copy()
+        flipped[1] = hu.shape[1] - 1 - c[1]
+        np.testing.assert_allclose(aff @ c, naff @ flipped, atol=1e-5)
+    assert kwargs["contrast_limits"] == (-160.0, 240.0)               # the series' 40/400 window
