@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from .worker import ModelSpec, SegmentWorker, SliceResult, SliceTask
+from .worker import ModelSpec, SegmentWorker, SliceBatchResult, SliceTask
 
 __all__ = ["PoolConfig", "ActorPool", "ModelLoadError", "ray_session", "resolve_pool"]
 
@@ -162,7 +162,7 @@ class ActorPool:
                 log.warning("actor info unavailable: %s", exc)
         return out
 
-    def run(self, tasks: Iterable[SliceTask]) -> Iterator[SliceResult]:
+    def run(self, tasks: Iterable[SliceTask]) -> Iterator[SliceBatchResult]:
         """Stream ``tasks`` through the actors; yield one result per task, as they finish.
 
         The iterator is pulled lazily: at most ``num_actors * queue_depth`` tasks are in flight.
@@ -195,7 +195,7 @@ class ActorPool:
                 yield ray.get(ready[0])
             except Exception as exc:  # noqa: BLE001 - actor died (OOM kill, node lost)
                 log.warning("worker failed on case %s: %s", task.case_id, exc)
-                yield SliceResult(task.case_id, task.start, None, None, None, 0.0,
+                yield SliceBatchResult(task.case_id, task.start, None, None, None, 0.0,
                                   f"worker died on slices {task.start}-"
                                   f"{task.start + len(task.slices) - 1}: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")

@@ -19,13 +19,12 @@ import numpy as np
 
 from segmote_core import __version__
 from segmote_core.io import CohortError, open_cohort
-from segmote_core.locking import StoreLock
 
 from .cases import CaseError, CaseInput, batch_count, iter_tasks, open_case
 from .engine import ActorPool, PoolConfig, ray_session, resolve_pool
 from .report import case_row, write_report, write_review_queue
 from .store import OutputStore, OutputStoreMismatchError
-from .worker import ModelSpec, SliceResult, SliceTask, peak_rss_mb
+from .worker import ModelSpec, SliceBatchResult, SliceTask, peak_rss_mb
 
 __all__ = ["BatchOptions", "BatchSummary", "run_batch", "OutputStoreMismatchError"]
 
@@ -112,7 +111,7 @@ class BatchSummary:
         return self.slices / self.run_seconds if self.run_seconds > 0 else 0.0
 
 
-class _Open:
+class CaseInFlight:
     """Book-keeping for one case in flight."""
 
     def __init__(self, case: CaseInput, t0: float) -> None:
@@ -135,12 +134,12 @@ class _Driver:
         self.opts, self.store, self.todo, self.summary = opts, store, todo, summary
         self.slice_conf = slice_conf
         self.case_bar, self.slice_bar = bars
-        self.open: dict[str, _Open] = {}
+        self.open: dict[str, CaseInFlight] = {}
 
     def tasks(self) -> Iterator[SliceTask]:
         value = self.opts.resolved_label_value
         for case in self.todo:
-            state = _Open(case, time.perf_counter())
+            state = CaseInFlight(case, time.perf_counter())
             self.open[case.case_id] = state
             try:
                 self.store.begin(case.case_id, case.shape, "uint8" if value <= 255 else "uint16")
@@ -154,7 +153,7 @@ class _Driver:
             state.reading = False
             self._maybe_close(case.case_id)
 
-    def accept(self, res: SliceResult) -> None:
+    def accept(self, res: SliceBatchResult) -> None:
         state = self.open.get(res.case_id)
         if state is None:
             return
@@ -230,22 +229,14 @@ def run_batch(opts: BatchOptions) -> BatchSummary:
         FileNotFoundError: a model file is missing.
         OutputStoreMismatchError: ``opts.out`` holds another model's labels and ``overwrite``
             is off.
-        StoreLockedError: another process writes ``opts.out`` (the message names it).
     """
+    from tqdm import tqdm
+
     opts.check()
     opts.model.check_files()
     t_start = time.perf_counter()
     cohort, ids = _select(opts)
-    inputs = opts.model.files()
-    OutputStore.precheck(opts.out, opts.cohort, inputs)
-    with StoreLock(opts.out, "segmote batch") as lock:
-        return _run_locked(opts, cohort, ids, inputs, lock, t_start)
-
-
-def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[str],
-                lock: StoreLock, t_start: float) -> BatchSummary:
-    from tqdm import tqdm
-
+    OutputStore.precheck(opts.out, opts.cohort)
     summary = BatchSummary()
     cases: list[CaseInput] = []
     bad: dict[str, str] = {}
@@ -264,7 +255,7 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
         log.info("%d actor(s) ready (%s CPU, %s GPU each) in %.1f s: %s",
                  pool_cfg.num_actors, pool_cfg.cpus_per_actor, pool_cfg.gpus_per_actor,
                  summary.startup_seconds, opts.model.describe())
-        store = OutputStore(opts.out, opts.cohort, signature, opts.overwrite, inputs, lock=lock)
+        store = OutputStore(opts.out, opts.cohort, signature, opts.overwrite)
         todo = []
         for case in cases:
             if store.is_complete(case.case_id):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModelSpec", "SliceTask", "SliceResult", "SegmentWorker", "peak_rss_mb"]
+__all__ = ["ModelSpec", "SliceTask", "SliceBatchResult", "SegmentWorker", "peak_rss_mb"]
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,6 @@ class ModelSpec:
         if self.sam_checkpoint:
             return f"bare SAM {self.model_type} {self.sam_checkpoint}"
         return "bundled demo model"
-
-    def files(self) -> list[str]:
-        """The model files the run reads (a checkpoint's JSON sidecar included)."""
-        out = [f for f in (self.segmote_checkpoint, self.sam_checkpoint) if f]
-        if self.segmote_checkpoint:
-            out.append(str(Path(self.segmote_checkpoint).with_suffix(".json")))
-        return out
 
     def check_files(self) -> None:
         """Fail early, on the driver, when a named file is missing (clear message)."""
@@ -90,7 +83,7 @@ class SliceTask:
 
 
 @dataclass
-class SliceResult:
+class SliceBatchResult:
     """The worker's answer for one :class:`SliceTask`; ``error`` set means the batch failed."""
 
     case_id: str
@@ -149,8 +142,8 @@ class SegmentWorker:
         return {"worker": self.name, "device": self.device, "pid": os.getpid(),
                 "peak_rss_mb": peak_rss_mb()}
 
-    def __call__(self, task: SliceTask) -> SliceResult:
-        """Segment one batch; any exception becomes ``SliceResult.error`` naming the case."""
+    def __call__(self, task: SliceTask) -> SliceBatchResult:
+        """Segment one batch; any exception becomes ``SliceBatchResult.error`` naming the case."""
         from segmote_core.inference import segment_batch
 
         t0 = time.perf_counter()
@@ -162,7 +155,7 @@ class SegmentWorker:
                                 precision=self.spec.precision, chunk=self.chunk)
             dtype = np.uint8 if task.label_value <= 255 else np.uint16
             labels = res.masks.astype(dtype) * dtype(task.label_value)
-            return SliceResult(task.case_id, task.start, labels,
+            return SliceBatchResult(task.case_id, task.start, labels,
                                res.confidence.astype(np.float32), res.expert.astype(np.int16),
                                time.perf_counter() - t0, None, self.name)
         except Exception as exc:  # noqa: BLE001 - reported per case, never raised
@@ -171,7 +164,7 @@ class SegmentWorker:
                 detail = f"out of memory on {self.device}: {detail} (try a smaller --batch-size)"
                 _free_cuda()
             log.warning("case %s slices %d..: %s", task.case_id, task.start, detail)
-            return SliceResult(task.case_id, task.start, None, None, None,
+            return SliceBatchResult(task.case_id, task.start, None, None, None,
                                time.perf_counter() - t0,
                                f"slices {task.start}-{task.start + len(task.slices) - 1}: "
                                f"{detail}", self.name)

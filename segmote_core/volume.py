@@ -31,7 +31,7 @@ from .geometry import expand_box, interior_point, mask_to_box
 from .io.image import array_of
 from .progress import CancelToken, ProgressCallback, report
 
-__all__ = ["SlicePrompt", "SliceResult", "SliceSegmenter", "PredictorSegmenter",
+__all__ = ["SlicePrompt", "SliceSegmentation", "SliceSegmenter", "PredictorSegmenter",
            "PropagationConfig", "PropagationResult", "StopEvent", "prompt_from_mask",
            "propagate", "VolumeResult", "segment_volume_auto"]
 
@@ -58,7 +58,7 @@ class SlicePrompt:
 
 
 @dataclass
-class SliceResult:
+class SliceSegmentation:
     """One slice's prediction: ``mask`` (Y, X) bool, ``score`` (quality), optional logits."""
 
     mask: np.ndarray
@@ -72,7 +72,7 @@ class SliceSegmenter(Protocol):
     n_slices: int
     shape: tuple[int, int]
 
-    def segment(self, z: int, prompt: SlicePrompt) -> SliceResult: ...
+    def segment(self, z: int, prompt: SlicePrompt) -> SliceSegmentation: ...
 
 
 class PredictorSegmenter:
@@ -113,11 +113,11 @@ class PredictorSegmenter:
                 self.cache.put(z, self.predictor.get_embedding())
         self._current = z
 
-    def segment(self, z: int, prompt: SlicePrompt) -> SliceResult:
+    def segment(self, z: int, prompt: SlicePrompt) -> SliceSegmentation:
         self._set_slice(int(z))
         pred = self.predictor.predict(point_coords=prompt.points, point_labels=prompt.labels,
                                       box=prompt.box, mask_input=prompt.mask_input)
-        return SliceResult(pred.masks[0].astype(bool), float(pred.scores[0]),
+        return SliceSegmentation(pred.masks[0].astype(bool), float(pred.scores[0]),
                            pred.low_res_logits[:1])
 
 
@@ -216,7 +216,7 @@ def propagate(segmenter: SliceSegmenter, prompts: dict[int, SlicePrompt],
     res = PropagationResult(np.zeros((n, h, w), bool), np.full(n, np.nan, np.float32),
                             np.full(n, -1, np.int32))
     starts = sorted(int(z) for z in prompts)
-    seeds: dict[int, SliceResult] = {}
+    seeds: dict[int, SliceSegmentation] = {}
     done = 0
     for z in starts:
         out = segmenter.segment(z, prompts[z])

@@ -11,7 +11,8 @@ from segmote_core.cache import EmbeddingCache
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_image, write_labels
 from segmote_core.progress import CancelToken, Cancelled
-from segmote_core.volume import (PredictorSegmenter, PropagationConfig, SlicePrompt, SliceResult,
+from segmote_core.volume import (PredictorSegmenter, PropagationConfig, SlicePrompt,
+                                 SliceSegmentation,
                                  StopEvent, prompt_from_mask, propagate, segment_volume_auto)
 
 from tests.io.volumes import EncoderCalls, ct_volume, ellipsoid
@@ -31,11 +32,11 @@ class KnownSegmenter:
         self.n_slices, self.shape = truth.shape[0], truth.shape[1:]
         self.calls: list[tuple[int, SlicePrompt]] = []
 
-    def segment(self, z: int, prompt: SlicePrompt) -> SliceResult:
+    def segment(self, z: int, prompt: SlicePrompt) -> SliceSegmentation:
         self.calls.append((z, prompt))
         lab = self.truth[z]
         if z in self.leak_at:
-            return SliceResult(np.ones(lab.shape, bool), 0.9)
+            return SliceSegmentation(np.ones(lab.shape, bool), 0.9)
         region = np.zeros(lab.shape, bool)
         if prompt.box is not None:
             x0, y0, x1, y1 = prompt.box.astype(int)
@@ -46,7 +47,7 @@ class KnownSegmenter:
         ids = [i for i in np.unique(lab[region]) if i > 0]
         if not ids and self.jump:
             ids = [i for i in np.unique(lab) if i > 0][:1]
-        return SliceResult(np.isin(lab, ids), 0.9)
+        return SliceSegmentation(np.isin(lab, ids), 0.9)
 
 
 def two_objects() -> np.ndarray:

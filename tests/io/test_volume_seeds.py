@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segmote_core.volume import SlicePrompt, SliceResult, StopEvent, propagate
+from segmote_core.volume import SlicePrompt, SliceSegmentation, StopEvent, propagate
 
 
 class BoxSegmenter:
@@ -14,12 +14,12 @@ class BoxSegmenter:
         self.truth, self.n_slices, self.shape = truth, truth.shape[0], truth.shape[1:]
         self.calls: list[int] = []
 
-    def segment(self, z: int, prompt: SlicePrompt) -> SliceResult:
+    def segment(self, z: int, prompt: SlicePrompt) -> SliceSegmentation:
         self.calls.append(z)
         x0, y0, x1, y1 = np.asarray(prompt.box).astype(int)
         region = np.zeros(self.shape, bool)
         region[y0:y1 + 1, x0:x1 + 1] = True
-        return SliceResult(self.truth[z] & region, 0.9)
+        return SliceSegmentation(self.truth[z] & region, 0.9)
 
 
 def test_a_seed_that_finds_nothing_does_not_block_its_neighbour():
