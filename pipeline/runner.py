@@ -19,6 +19,7 @@ import numpy as np
 
 from segmote_core import __version__
 from segmote_core.io import CohortError, open_cohort
+from segmote_core.locking import StoreLock
 
 from .cases import CaseError, CaseInput, batch_count, iter_tasks, open_case
 from .engine import ActorPool, PoolConfig, ray_session, resolve_pool
@@ -229,14 +230,22 @@ def run_batch(opts: BatchOptions) -> BatchSummary:
         FileNotFoundError: a model file is missing.
         OutputStoreMismatchError: ``opts.out`` holds another model's labels and ``overwrite``
             is off.
+        StoreLockedError: another process writes ``opts.out`` (the message names it).
     """
-    from tqdm import tqdm
-
     opts.check()
     opts.model.check_files()
     t_start = time.perf_counter()
     cohort, ids = _select(opts)
-    OutputStore.precheck(opts.out, opts.cohort)
+    inputs = opts.model.files()
+    OutputStore.precheck(opts.out, opts.cohort, inputs)
+    with StoreLock(opts.out, "segmote batch") as lock:
+        return _run_locked(opts, cohort, ids, inputs, lock, t_start)
+
+
+def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[str],
+                lock: StoreLock, t_start: float) -> BatchSummary:
+    from tqdm import tqdm
+
     summary = BatchSummary()
     cases: list[CaseInput] = []
     bad: dict[str, str] = {}
@@ -255,7 +264,7 @@ def run_batch(opts: BatchOptions) -> BatchSummary:
         log.info("%d actor(s) ready (%s CPU, %s GPU each) in %.1f s: %s",
                  pool_cfg.num_actors, pool_cfg.cpus_per_actor, pool_cfg.gpus_per_actor,
                  summary.startup_seconds, opts.model.describe())
-        store = OutputStore(opts.out, opts.cohort, signature, opts.overwrite)
+        store = OutputStore(opts.out, opts.cohort, signature, opts.overwrite, inputs, lock=lock)
         todo = []
         for case in cases:
             if store.is_complete(case.case_id):

@@ -49,6 +49,13 @@ class ModelSpec:
             return f"bare SAM {self.model_type} {self.sam_checkpoint}"
         return "bundled demo model"
 
+    def files(self) -> list[str]:
+        """The model files the run reads (a checkpoint's JSON sidecar included)."""
+        out = [f for f in (self.segmote_checkpoint, self.sam_checkpoint) if f]
+        if self.segmote_checkpoint:
+            out.append(str(Path(self.segmote_checkpoint).with_suffix(".json")))
+        return out
+
     def check_files(self) -> None:
         """Fail early, on the driver, when a named file is missing (clear message)."""
         for flag, value in (("--segmote-checkpoint", self.segmote_checkpoint),
