@@ -53,11 +53,11 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
             continue
         if p.is_dir() and _zarr_kind(p) is not None:
             continue
+        if image_format(p) == "dicom":  # a DICOM file (its series) or a folder of one series
+            continue
         return None
     return read_paths
 
-        if image_format(p) == "dicom":  # a DICOM file (its series) or a folder of one series
-            continue
 
 def read_paths(path: str | list[str]) -> list[LayerData]:
     paths = path if isinstance(path, list) else [path]
@@ -96,11 +96,6 @@ def read_nifti(path: Path) -> list[LayerData]:
                              rgb=img.axes == "YXC")]
 
 
-def read_cohort(path: Path) -> list[LayerData]:
-    """All cases of a cohort root, or one case; each case's labels too when present."""
-    kind = _zarr_kind(path)
-    root = path if kind == "cohort" else path.parent
-    cohort = open_cohort(root)
 def read_dicom(path: Path) -> list[LayerData]:
     """A DICOM series: scale and world affine as for NIfTI, the series' own display window."""
     img = open_image(path)
@@ -112,6 +107,11 @@ def read_dicom(path: Path) -> list[LayerData]:
     return [layer]
 
 
+def read_cohort(path: Path) -> list[LayerData]:
+    """All cases of a cohort root, or one case; each case's labels too when present."""
+    kind = _zarr_kind(path)
+    root = path if kind == "cohort" else path.parent
+    cohort = open_cohort(root)
     case_ids = cohort.case_ids() if kind == "cohort" else [path.name]
     layers: list[LayerData] = []
     for case_id in case_ids:
