@@ -50,8 +50,8 @@ def main() -> None:
     from segment_anything import SamPredictor
 
     from segmote_core import SegMoTEConfig, SegMoTEPredictor, build_segmote
-    from napari_segmote import _layers as L
-    from napari_segmote._sample_data import make_ct_phantom
+    from napari_segmote.layers import CURRENT, POINTS
+    from segmote_core.sample_images import make_ct_phantom
     from napari_segmote._widget import SegMoTEWidget
 
     model = build_segmote(SegMoTEConfig(model_type=args.model_type))
@@ -88,8 +88,8 @@ def main() -> None:
 
     ys, xs = np.nonzero(ref[z] == 3)
     rng = np.random.default_rng(1)
-    points = c.layers[L.POINTS]
-    labels_layer = c.layers[L.CURRENT]
+    points = c.layers[POINTS]
+    labels_layer = c.layers[CURRENT]
     picks = rng.integers(0, len(ys), size=args.repeats + 3)
     coords = [(float(ys[i]), float(xs[i])) for i in picks]
     stock = SamPredictor(model.sam)             # stock SAM decoder on the same embedding

@@ -1,4 +1,4 @@
-"""Glue between an :class:`AnnotationSession` and a napari viewer.
+"""Glue between a ``segmote_core.session.AnnotationSession`` and a napari viewer.
 
 The controller reads prompts from the plugin's layers, calls the session, refreshes layers and
 runs the long steps (embeddings, propagation, auto mode) in napari thread workers with a
@@ -17,15 +17,16 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from superqt.utils import create_worker  # the QThread worker napari's own wraps
 
+from segmote_core.embeddings import EmbeddingStore
 from segmote_core.modeling import SegMoTE
 from segmote_core.predictor import SegMoTEPredictor
 from segmote_core.progress import CancelToken, Cancelled
+from segmote_core.prompts import box_on_slice, object_mask, points_on_slice, prompted_slices
+from segmote_core.session import AnnotationSession, SlicePrediction
 from segmote_core.volume import PropagationConfig
 
-from . import _layers as L
-from ._embedding import EmbeddingStore
-from ._prompts import box_on_slice, object_mask, points_on_slice, prompted_slices
-from ._session import AnnotationSession, SliceResult
+from . import layers as viewer_layers
+from .layers import BOXES, COMMITTED, CURRENT, HEATMAP, NEGATIVE, POINTS, POSITIVE
 
 __all__ = ["AnnotatorController"]
 
@@ -90,7 +91,7 @@ class AnnotatorController:
         if not isinstance(image_layer, Image):
             raise TypeError(f"choose an Image layer to annotate, got {image_layer!r}")
         self.cancel()
-        meta = L.segmote_meta(image_layer)
+        meta = viewer_layers.segmote_meta(image_layer)
         if modality == "auto" and meta.get("modality"):
             modality = str(meta["modality"])
         data = image_layer.data
@@ -109,19 +110,19 @@ class AnnotatorController:
                 show_info(f"SegMoTE: embedding all {session.n_slices} slices would take "
                           f"{per_slice * session.n_slices / 2 ** 30:.1f} GiB of memory; choose "
                           f"an embedding cache folder to keep them on disk")
-        previous = self.viewer.layers[L.COMMITTED].data if L.COMMITTED in self.viewer.layers \
+        previous = self.viewer.layers[COMMITTED].data if COMMITTED in self.viewer.layers \
             else None
         if previous is not None and tuple(previous.shape) == session.shape:
             session.committed[:] = previous  # restarting keeps the committed objects
         self.session, self.image_layer = session, image_layer
         self._muted = True
         try:
-            self.layers = L.ensure_layers(self.viewer, image_layer, session.current,
-                                          session.committed)
+            self.layers = viewer_layers.ensure_layers(self.viewer, image_layer,
+                                                      session.current, session.committed)
         finally:
             self._muted = False
-        self.layers[L.POINTS].events.data.connect(self.on_prompts_changed)
-        self.layers[L.BOXES].events.data.connect(self.on_prompts_changed)
+        self.layers[POINTS].events.data.connect(self.on_prompts_changed)
+        self.layers[BOXES].events.data.connect(self.on_prompts_changed)
         self.on_status(f"annotating {image_layer.name!r} ({modality}); "
                        f"{session.n_slices} slice(s)")
         return session
@@ -135,7 +136,7 @@ class AnnotatorController:
     def z(self) -> int:
         """The slice the viewer shows (0 for 2D images)."""
         self._require()
-        z = L.current_slice(self.viewer, self.image_layer)
+        z = viewer_layers.current_slice(self.viewer, self.image_layer)
         return 0 if z is None else z
 
     def _z_or_none(self) -> int | None:
@@ -143,11 +144,11 @@ class AnnotatorController:
 
     # ------------------------------------------------------------------ prompting
     def set_negative(self, negative: bool) -> None:
-        points = self.layers.get(L.POINTS)
+        points = self.layers.get(POINTS)
         if points is not None:
             points.selected_data = set()  # napari applies "current" values to the selection
             points.feature_defaults = {"positive": not negative}
-            points.current_face_color = L.NEGATIVE if negative else L.POSITIVE
+            points.current_face_color = NEGATIVE if negative else POSITIVE
 
     def on_prompts_changed(self, event: Any = None) -> None:
         """Points/Shapes data event: re-run the decoder on the current slice."""
@@ -162,14 +163,14 @@ class AnnotatorController:
     def prompts(self, z: int | None = -1) -> dict[str, Any]:
         """The prompts of slice ``z`` (default: the current one): points, labels, box."""
         z = self._z_or_none() if z == -1 else z
-        points = self.layers[L.POINTS]
+        points = self.layers[POINTS]
         coords, labels = points_on_slice(points.data, points.features["positive"].to_numpy()
                                          if len(points.data) else [], z)
-        shapes = self.layers[L.BOXES]
+        shapes = self.layers[BOXES]
         box = box_on_slice(shapes.data, z, shapes.shape_type)
         return {"points": coords if len(coords) else None, "labels": labels, "box": box}
 
-    def update_prediction(self, mask: np.ndarray | None = None) -> SliceResult | None:
+    def update_prediction(self, mask: np.ndarray | None = None) -> SlicePrediction | None:
         """Decode the current slice's prompts into the current-object layer.
 
         Computes the slice embedding in a worker first when it is missing.
@@ -186,12 +187,12 @@ class AnnotatorController:
             return None
         before = session.plane(session.current, z).copy()
         result = session.predict(z, mask=mask, text=self.category, **kwargs)
-        L.redraw_changed(self.layers[L.CURRENT], session.current, before,
+        viewer_layers.redraw_changed(self.layers[CURRENT], session.current, before,
                          z if session.is_volume else None)
         self._show(result)
         return result
 
-    def _show(self, result: SliceResult | None) -> None:
+    def _show(self, result: SlicePrediction | None) -> None:
         """Status line (and heat map) for a result whose mask is already drawn."""
         if result is None:
             self.on_status("no prompt on this slice")
@@ -202,17 +203,19 @@ class AnnotatorController:
                        f"{int(result.mask.sum())} px")
         if self.show_heatmap and result.expert is not None and self._require().last is result:
             heat = self._require().routing_heatmap()[result.expert]
-            L.show_heatmap(self.viewer, self.image_layer, heat, self._z_or_none()).visible = True
+            layer = viewer_layers.show_heatmap(self.viewer, self.image_layer, heat,
+                                               self._z_or_none())
+            layer.visible = True
 
     def set_heatmap(self, show: bool) -> None:
         """Show the routing heat map of each new prediction (hide the layer when off)."""
         self.show_heatmap = bool(show)
-        if L.HEATMAP in self.viewer.layers:
-            self.viewer.layers[L.HEATMAP].visible = self.show_heatmap
+        if HEATMAP in self.viewer.layers:
+            self.viewer.layers[HEATMAP].visible = self.show_heatmap
         if self.show_heatmap and self.session is not None and self.session.last is not None:
             self._show(self.session.last)
 
-    def refine(self, labels_layer: Any, object_id: int) -> SliceResult | None:
+    def refine(self, labels_layer: Any, object_id: int) -> SlicePrediction | None:
         """Use ``object_id`` of ``labels_layer`` on the current slice as the mask prompt."""
         if labels_layer is None:
             raise ValueError("choose a Labels layer holding the object to refine")
@@ -244,18 +247,18 @@ class AnnotatorController:
         return label
 
     def next_slice(self, step: int = 1) -> int | None:
-        return L.step_slice(self.viewer, self.image_layer, step)
+        return viewer_layers.step_slice(self.viewer, self.image_layer, step)
 
     def _clear_prompts(self) -> None:
         self._muted = True
         try:
-            self.layers[L.POINTS].data = np.empty((0, self.layers[L.POINTS].ndim))
-            self.layers[L.BOXES].data = []
+            self.layers[POINTS].data = np.empty((0, self.layers[POINTS].ndim))
+            self.layers[BOXES].data = []
         finally:
             self._muted = False
 
     def _refresh(self) -> None:
-        for name in (L.CURRENT, L.COMMITTED):
+        for name in (CURRENT, COMMITTED):
             if name in self.layers:
                 self.layers[name].refresh()
 
@@ -274,7 +277,7 @@ class AnnotatorController:
         session, z = self._require(), self.z
         if not session.is_volume:
             raise ValueError("Segment volume needs a 3D image; this one is 2D")
-        zs = prompted_slices(self.layers[L.POINTS].data, self.layers[L.BOXES].data)
+        zs = prompted_slices(self.layers[POINTS].data, self.layers[BOXES].data)
         prompts = {k: self.prompts(k) for k in zs}
         if not zs and session.current[z].any():
             prompts = {z: {"mask": session.current[z].astype(bool)}}

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 LayerData = tuple[Any, dict, str]
 #: display window of CT images (soft tissue, HU).
 CT_CONTRAST = (-160.0, 240.0)
+#: names of the spatial axes of a (Z, Y, X) volume (2D images: the last two; RGB channels are
+#: not a dims axis in napari).
+SPATIAL_AXES = ("z", "y", "x")
 
 
 def _zarr_kind(path: Path) -> str | None:
@@ -84,6 +87,8 @@ def image_layer_data(data: Any, name: str, modality: str, spacing: Any, affine: 
     spatial = list(spacing)[-ndim:] if len(spacing) >= ndim else [1.0] * ndim
     kwargs: dict[str, Any] = {"name": name, "scale": spatial, "rgb": rgb,
                               "metadata": _meta(modality, spatial, affine, source, **extra)}
+    if ndim <= len(SPATIAL_AXES):  # napari's dims slider then says z/y/x, not -3/-2/-1
+        kwargs["axis_labels"] = SPATIAL_AXES[-ndim:]
     if str(modality).upper() == "CT" and not rgb:
         kwargs["contrast_limits"] = CT_CONTRAST
     return data, kwargs, "image"
@@ -122,8 +127,8 @@ def read_cohort(path: Path) -> list[LayerData]:
                                        case_id=case_id))
         if case.labels is not None:
             meta = layers[-1][1]["metadata"]
-            layers.append((case.labels, {"name": f"{case_id} labels",
-                                         "scale": layers[-1][1]["scale"], "metadata": meta},
+            geo = {k: layers[-1][1][k] for k in ("scale", "axis_labels") if k in layers[-1][1]}
+            layers.append((case.labels, {"name": f"{case_id} labels", "metadata": meta, **geo},
                            "labels"))
     log.info("read %d case(s) from %s", len(case_ids), root)
     return layers

@@ -92,6 +92,7 @@ class SegMoTEWidget(Container):
             self.heatmap, self.refine_layer, self.refine_id, self.refine_button, self.status,
         ])
         self._connect()
+        self.pick_image()
 
     # ------------------------------------------------------------------ wiring
     def _connect(self) -> None:
@@ -118,8 +119,9 @@ class SegMoTEWidget(Container):
         self.heatmap.changed.connect(g(c.set_heatmap))
         self.refine_button.clicked.connect(
             g(lambda: c.refine(self.refine_layer.value, self.refine_id.value)))
-        self.viewer.layers.events.inserted.connect(self.reset_choices)
-        self.viewer.layers.events.removed.connect(self.reset_choices)
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.viewer.layers.selection.events.active.connect(self.pick_image)
         actions = {
             "commit": c.commit, "clear": c.clear, "undo": c.undo,
             "next_slice": lambda: c.next_slice(1), "previous_slice": lambda: c.next_slice(-1),
@@ -148,6 +150,31 @@ class SegMoTEWidget(Container):
     def _image_layers(self, _widget: Any = None) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in self.viewer.layers
                 if layer.__class__.__name__ == "Image" and not layer.name.startswith("SegMoTE")]
+
+    def _on_layers_changed(self, _event: Any = None) -> None:
+        self.reset_choices()
+        self.pick_image()
+
+    def pick_image(self, _event: Any = None) -> Any:
+        """Choose the selected image layer, else keep the choice, else take the only one.
+
+        As micro-sam's annotators do: opening the widget on a viewer with an image (or
+        clicking another image in the layer list) makes that the image to annotate. Selecting a
+        non-image layer (the prompt layers) leaves the choice alone. Returns the choice.
+        """
+        # napari hands plugins proxies of its layers (a new one per access): compare by name,
+        # which is unique within a viewer
+        images = {name: layer for name, layer in self._image_layers()}
+        active = self.viewer.layers.selection.active
+        current = self.image.value
+        chosen = images.get(getattr(current, "name", None))
+        if active is not None and active.name in images:
+            chosen = images[active.name]
+        elif chosen is None and len(images) == 1:
+            chosen = next(iter(images.values()))
+        if getattr(current, "name", None) != getattr(chosen, "name", None):
+            self.image.value = chosen
+        return chosen
 
     def _categories(self, _widget: Any = None) -> list[str]:
         return list(self.controller.categories())

@@ -58,8 +58,8 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from segmote_core import SegMoTEConfig, build_segmote, load_demo_model, load_segmote
-    from napari_segmote import _layers as L
-    from napari_segmote._sample_data import make_ct_phantom
+    from napari_segmote.layers import BOXES, HEATMAP, POINTS
+    from segmote_core.sample_images import make_ct_phantom
 
     torch.set_num_threads(2)
     if args.random_model:
@@ -94,9 +94,9 @@ def main() -> None:
 
     # 1: a positive point on the liver, a negative one outside, the category "liver", the mask
     category("liver")
-    c.layers[L.POINTS].add([centre(3, z)])
+    c.layers[POINTS].add([centre(3, z)])
     widget.negative.value = True
-    c.layers[L.POINTS].add([[z, 20.0, 64.0]])
+    c.layers[POINTS].add([[z, 20.0, 64.0]])
     widget.negative.value = False
     _wait(app, c)
     viewer.screenshot(str(args.out / "napari_point_prompt.png"), canvas_only=False, flash=False)
@@ -106,12 +106,12 @@ def main() -> None:
     category("lung")
     ys, xs = np.nonzero(ref[z] == 1)
     y0, y1, x0, x1 = ys.min() - 2, ys.max() + 2, xs.min() - 2, xs.max() + 2
-    c.layers[L.BOXES].add_rectangles([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]])
+    c.layers[BOXES].add_rectangles([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]])
     _wait(app, c)
     viewer.screenshot(str(args.out / "napari_box_heatmap.png"), canvas_only=False, flash=False)
     widget.commit_button.clicked.emit()
     category("")
-    viewer.layers[L.HEATMAP].visible = False
+    viewer.layers[HEATMAP].visible = False
     viewer.screenshot(str(args.out / "napari_committed.png"), canvas_only=False, flash=False)
 
     # 3: RGB dermoscopy, PPT auto mode without any prompt

@@ -27,6 +27,8 @@ _EXPORTS = {
     "SegMoTEPredictor": "predictor",
     "Prediction": "predictor",
     "segment_batch": "inference",
+    "AnnotationSession": "session",
+    "EmbeddingStore": "embeddings",
     "normalize_intensity": "transforms",
     "CancelToken": "progress",
     "Cancelled": "progress",

@@ -147,11 +147,17 @@ class EmbeddingCache:
 
     @classmethod
     def for_volume(cls, path: str | Path, predictor: Any, volume: Any, *,
-                   modality: str = "auto", window: Any = None,
-                   overwrite: bool = False) -> "EmbeddingCache":
-        """A cache signed with ``predictor``'s model, ``volume``'s data and the normalisation."""
-        n, _ = _n_slices(volume)
-        sig = {"model": predictor.model_signature(), "data_sha256": data_signature(volume),
+                   modality: str = "auto", window: Any = None, overwrite: bool = False,
+                   n_slices: int | None = None, data_sha256: str | None = None
+                   ) -> "EmbeddingCache":
+        """A cache signed with ``predictor``'s model, ``volume``'s data and the normalisation.
+
+        ``n_slices`` and ``data_sha256`` (:func:`data_signature` of ``volume``) may be given
+        when the caller knows them (an RGB stack's slice count; a hash already computed).
+        """
+        n = _n_slices(volume)[0] if n_slices is None else int(n_slices)
+        sig = {"model": predictor.model_signature(),
+               "data_sha256": data_sha256 or data_signature(volume),
                "modality": str(modality), "window": window}
         return cls(path, sig, n_slices=n, overwrite=overwrite)
 
@@ -252,7 +258,7 @@ class EmbeddingCache:
         Returns:
             The number of slices computed (0 when everything came from the cache).
         """
-        from .inference import encode_batch, prepare_batch
+        from .inference import embed_slices
 
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
@@ -265,22 +271,12 @@ class EmbeddingCache:
         todo = [z for z in range(n) if z not in cached]
         done = n - len(todo)
         report(progress, done, n, cancel)
-        model = predictor.model
-        for start in range(0, len(todo), batch):
-            zs = todo[start:start + batch]
-            slices = [_slice(volume, z, is_vol) for z in zs]
-            x, original, input_size = prepare_batch(model, slices, modality, window)
-            feats = encode_batch(model, x, chunk=batch, bf16=bool(getattr(predictor, "bf16", False)))
-            emb = feats.image_embeddings.float().cpu().numpy()
-            interm = (feats.interm_embeddings.float().cpu().numpy()
-                      if feats.interm_embeddings is not None else None)
-            for i, z in enumerate(zs):
-                entry: dict[str, Any] = {"image_embeddings": emb[i], "original_size": original,
-                                         "input_size": input_size}
-                if interm is not None:
-                    entry["interm_embeddings"] = interm[i]
+        for part in embed_slices(predictor.model, lambda z: _slice(volume, z, is_vol), todo,
+                                 modality, window, batch=batch,
+                                 bf16=bool(getattr(predictor, "bf16", False))):
+            for z, entry in part:
                 self.put(z, entry)
-            done += len(zs)
+            done += len(part)
             report(progress, done, n, cancel)
         log.info("%s: %d slice(s) embedded, %d from the cache", self.path, len(todo),
                  n - len(todo))

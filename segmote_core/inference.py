@@ -8,7 +8,7 @@ embeddings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from .predictor import use_bf16
 from .progress import CancelToken, ProgressCallback, report
 from .transforms import ResizePad, normalize_intensity, to_tensor_image
 
-__all__ = ["BatchResult", "prepare_batch", "encode_batch", "segment_batch"]
+__all__ = ["BatchResult", "prepare_batch", "encode_batch", "embed_slices", "stack_embeddings",
+           "decode_auto", "segment_batch"]
 
 
 @dataclass
@@ -55,6 +56,81 @@ def encode_batch(model: SegMoTE, batch: torch.Tensor, chunk: int = 8,
     return ImageFeatures(torch.cat([p.image_embeddings for p in parts]), interm)
 
 
+def embed_slices(model: SegMoTE, get_slice: Callable[[int], np.ndarray], zs: Sequence[int],
+                 modality: str = "auto", window=None, *, bf16: bool = False, batch: int = 4
+                 ) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    """Encode slices ``zs`` ``batch`` at a time; yield each batch as ``(z, embedding)`` pairs.
+
+    An embedding is the dict of :meth:`SegMoTEPredictor.get_embedding` (float32 numpy arrays
+    and the original / input sizes): the same normalisation, resize and encoder precision as
+    ``set_image``, so it can be cached and restored with ``set_embedding``. Only one batch of
+    slices is in memory at a time; a caller that stops iterating stops the work.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    zs = [int(z) for z in zs]
+    for start in range(0, len(zs), batch):
+        part = zs[start:start + batch]
+        x, original, input_size = prepare_batch(model, [get_slice(z) for z in part], modality,
+                                                window)
+        feats = encode_batch(model, x, chunk=batch, bf16=bf16)
+        emb = feats.image_embeddings.float().cpu().numpy()
+        interm = (feats.interm_embeddings.float().cpu().numpy()
+                  if feats.interm_embeddings is not None else None)
+        out = []
+        for i, z in enumerate(part):
+            entry: dict[str, Any] = {"image_embeddings": emb[i], "original_size": original,
+                                     "input_size": input_size}
+            if interm is not None:
+                entry["interm_embeddings"] = interm[i]
+            out.append((z, entry))
+        yield out
+
+
+def stack_embeddings(model: SegMoTE, embeddings: Sequence[dict[str, Any]]
+                     ) -> tuple[ImageFeatures, tuple[int, int], tuple[int, int]]:
+    """Embedding dicts of same-sized slices -> batched features, original and input size."""
+    sizes = {(tuple(e["original_size"]), tuple(e["input_size"])) for e in embeddings}
+    if len(sizes) != 1:
+        raise ValueError(f"embeddings of one batch must share their sizes, got {sorted(sizes)}")
+    (original, input_size), = sizes
+    emb = torch.as_tensor(np.stack([np.asarray(e["image_embeddings"]) for e in embeddings]),
+                          dtype=torch.float32)
+    interm = None
+    if model.needs_interm:
+        interm = torch.as_tensor(np.stack([np.asarray(e["interm_embeddings"])
+                                           for e in embeddings]), dtype=torch.float32)
+    feats = ImageFeatures(emb, interm).to(model.device)
+    return feats, tuple(int(v) for v in original), tuple(int(v) for v in input_size)
+
+
+@torch.inference_mode()
+def decode_auto(model: SegMoTE, feats: ImageFeatures, original: tuple[int, int],
+                input_size: tuple[int, int]) -> BatchResult:
+    """PPT (prompt-free) masks of B already-encoded slices."""
+    m = int(feats.image_embeddings.shape[0])
+    return _decoded(model, model.decode(feats, auto=True), np.arange(m), m, original, input_size)
+
+
+def _decoded(model: SegMoTE, out: Any, sel: np.ndarray, m: int, original: tuple[int, int],
+             input_size: tuple[int, int]) -> BatchResult:
+    """A decoder output for slices ``sel`` of ``m`` -> a BatchResult (the others empty)."""
+    masks = np.zeros((m, *original), bool)
+    conf = np.full(m, np.nan, np.float32)
+    expert = np.full(m, -1, np.int16)
+    token = np.full(m, -1, np.int16)
+    score = np.full(m, np.nan, np.float32)
+    if out is not None:
+        up = model.sam.postprocess_masks(out.low_res_masks[:, :1], input_size, original)
+        masks[sel] = (up[:, 0] > 0).cpu().numpy()
+        score[sel] = out.iou_predictions[:, 0].float().cpu().numpy()
+        if out.confidence is not None:
+            conf[sel] = out.confidence.float().cpu().numpy()
+            expert[sel] = out.selected_expert.cpu().numpy()
+            token[sel] = out.selected_token.cpu().numpy()
+    return BatchResult(masks, conf, expert, token, score)
+
+
 @torch.inference_mode()
 def segment_batch(model: SegMoTE, slices: Sequence[np.ndarray] | np.ndarray, modality: str = "auto",
                   boxes: np.ndarray | None = None, *, window=None, precision: str = "auto",
@@ -78,7 +154,6 @@ def segment_batch(model: SegMoTE, slices: Sequence[np.ndarray] | np.ndarray, mod
         batch, original, input_size = prepare_batch(model, part, modality, window)
         feats = encode_batch(model, batch, chunk, bf16)
         m = len(part)
-        keep = np.ones(m, bool)
         if boxes is None:
             out = model.decode(feats, auto=True)
             sel = np.arange(m)
@@ -90,24 +165,12 @@ def segment_batch(model: SegMoTE, slices: Sequence[np.ndarray] | np.ndarray, mod
             if len(sel):
                 bt = torch.as_tensor(resize.apply_boxes(rows[sel], original)).to(model.device)
                 out = model.decode(_take(feats, sel), boxes=bt)
-        chunk_masks = np.zeros((m, *original), bool)
-        chunk_conf = np.full(m, np.nan, np.float32)
-        chunk_exp = np.full(m, -1, np.int16)
-        chunk_tok = np.full(m, -1, np.int16)
-        chunk_score = np.full(m, np.nan, np.float32)
-        if out is not None:
-            up = model.sam.postprocess_masks(out.low_res_masks[:, :1], input_size, original)
-            chunk_masks[sel] = (up[:, 0] > 0).cpu().numpy()
-            chunk_score[sel] = out.iou_predictions[:, 0].float().cpu().numpy()
-            if out.confidence is not None:
-                chunk_conf[sel] = out.confidence.float().cpu().numpy()
-                chunk_exp[sel] = out.selected_expert.cpu().numpy()
-                chunk_tok[sel] = out.selected_token.cpu().numpy()
-        masks.append(chunk_masks)
-        conf.append(chunk_conf)
-        expert.append(chunk_exp)
-        token.append(chunk_tok)
-        score.append(chunk_score)
+        res = _decoded(model, out, sel, m, original, input_size)
+        masks.append(res.masks)
+        conf.append(res.confidence)
+        expert.append(res.expert)
+        token.append(res.token)
+        score.append(res.score)
         report(progress, min(start + m, n), n, cancel)
     return BatchResult(np.concatenate(masks), np.concatenate(conf), np.concatenate(expert),
                        np.concatenate(token), np.concatenate(score))

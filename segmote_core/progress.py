@@ -7,10 +7,13 @@ thread-worker aborts, the CLI to tqdm; the core never imports either.
 
 from __future__ import annotations
 
+import queue
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Generator, Optional, TypeVar
 
-__all__ = ["ProgressCallback", "CancelToken", "Cancelled", "report"]
+__all__ = ["ProgressCallback", "CancelToken", "Cancelled", "report", "callback_steps"]
+
+T = TypeVar("T")
 
 #: ``progress(done, total)``: called after each unit of work (slice, case, step).
 ProgressCallback = Callable[[int, int], None]
@@ -45,3 +48,31 @@ def report(progress: Optional[ProgressCallback], done: int, total: int,
         progress(done, total)
     if cancel is not None:
         cancel.raise_if_cancelled()
+
+
+def callback_steps(run: Callable[[ProgressCallback], T]) -> Generator[tuple[int, int], None, T]:
+    """Turn a function that reports ``progress(done, total)`` into a progress generator.
+
+    ``run(progress)`` executes in a helper thread; its progress calls are yielded here (a GUI
+    worker forwards them to its progress bar), its result is this generator's return value and
+    its exception is re-raised here.
+    """
+    events: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = run(lambda done, total: events.put((int(done), int(total))))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = exc
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=target, name="segmote-steps", daemon=True)
+    thread.start()
+    while (item := events.get()) is not None:
+        yield item
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -275,41 +275,71 @@ class VolumeResult:
     labels: Any               # (Z, Y, X) uint8 (numpy, or the ``out`` array given)
     confidence: np.ndarray    # (Z,) float32 router confidence (NaN: none)
     expert: np.ndarray        # (Z,) int16 selected expert (-1: none)
-    score: np.ndarray         # (Z,) float32 mask quality
+    score: np.ndarray         # (Z,) float32 mask quality (NaN: slice not segmented)
+    token: np.ndarray | None = None   # (Z,) int16 selected expert token (-1: none)
 
 
 def segment_volume_auto(model: Any, volume: Any, modality: str = "auto", *, window: Any = None,
                         chunk: int = 8, out: Any = None, precision: str = "auto",
+                        slices: Any = None, embeddings: Any = None,
                         progress: ProgressCallback | None = None,
                         cancel: CancelToken | None = None) -> VolumeResult:
     """PPT (prompt-free) segmentation of every slice, reading ``chunk`` slices at a time.
 
     Args:
         model: a :class:`~segmote_core.modeling.SegMoTE` with PPT.
-        volume: ``(Z, Y, X)`` array-like (numpy, dask, zarr) or a ``MedicalImage``.
+        volume: ``(Z, Y, X)`` (or ``(Z, Y, X, 3)`` RGB) array-like (numpy, dask, zarr) or a
+            ``MedicalImage``.
         out: optional ``(Z, Y, X)`` array to write into (e.g. a zarr array: memory stays
             ``chunk`` slices); default a new uint8 numpy array.
+        slices: the slice indices to segment (default all); the others of ``out`` are left
+            alone and their scores stay NaN.
+        embeddings: an :class:`~segmote_core.embeddings.EmbeddingStore` (anything with
+            ``get(z)`` / ``put(z, embedding)``): slices found there skip the encoder, the others
+            are encoded (as ``embed_slices``) and stored.
     """
-    from .inference import segment_batch
+    from .inference import decode_auto, embed_slices, segment_batch, stack_embeddings
+    from .predictor import use_bf16
 
     data = array_of(volume)
-    if len(data.shape) != 3:
-        raise ValueError(f"expected a (Z, Y, X) volume, got shape {tuple(data.shape)}")
-    n = int(data.shape[0])
+    shape = tuple(int(s) for s in data.shape)
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[-1] == 3)):
+        raise ValueError(f"expected a (Z, Y, X) or (Z, Y, X, 3) volume, got shape {shape}")
+    n = shape[0]
+    zs = list(range(n)) if slices is None else [int(z) for z in slices]
+    if any(not 0 <= z < n for z in zs):
+        raise ValueError(f"slices {zs} outside the volume's 0..{n - 1}")
     if out is None:
-        out = np.zeros(tuple(int(s) for s in data.shape), np.uint8)
-    elif tuple(out.shape) != tuple(data.shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}, the volume {tuple(data.shape)}")
+        out = np.zeros(shape[:3], np.uint8)
+    elif tuple(out.shape) != shape[:3]:
+        raise ValueError(f"out has shape {tuple(out.shape)}, the volume {shape[:3]}")
     conf = np.full(n, np.nan, np.float32)
     expert = np.full(n, -1, np.int16)
+    token = np.full(n, -1, np.int16)
     score = np.full(n, np.nan, np.float32)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        slices = np.stack([np.asarray(data[z]) for z in range(start, stop)])
-        res = segment_batch(model, slices, modality=modality, window=window, chunk=chunk,
-                            precision=precision)
-        out[start:stop] = res.masks.astype(np.uint8)
-        conf[start:stop], expert[start:stop], score[start:stop] = res.confidence, res.expert, \
-            res.score
-        report(progress, stop, n, cancel)
-    return VolumeResult(out, conf, expert, score)
+    bf16 = use_bf16(model, precision)
+    for start in range(0, len(zs), chunk):
+        part = zs[start:start + chunk]
+        if embeddings is None:
+            res = segment_batch(model, np.stack([np.asarray(data[z]) for z in part]),
+                                modality=modality, window=window, chunk=chunk,
+                                precision=precision)
+        else:
+            found = {z: embeddings.get(z) for z in part}
+            missing = [z for z, e in found.items() if e is None]
+            for batch in embed_slices(model, lambda z: np.asarray(data[z]), missing, modality,
+                                      window, bf16=bf16, batch=chunk):
+                for z, emb in batch:
+                    embeddings.put(z, emb)
+                    found[z] = emb
+            res = decode_auto(model, *stack_embeddings(model, [found[z] for z in part]))
+        masks = res.masks.astype(np.uint8)
+        if part == list(range(part[0], part[-1] + 1)):
+            out[part[0]:part[-1] + 1] = masks
+        else:
+            for i, z in enumerate(part):
+                out[z] = masks[i]
+        conf[part], expert[part], token[part], score[part] = (res.confidence, res.expert,
+                                                              res.token, res.score)
+        report(progress, start + len(part), len(zs), cancel)
+    return VolumeResult(out, conf, expert, score, token)

@@ -10,9 +10,9 @@ import pytest
 
 from segmote_core.build import demo_model_path
 
-from napari_segmote import _layers as L
+from napari_segmote.layers import BOXES, CURRENT
 from napari_segmote._models import DEMO
-from napari_segmote._sample_data import make_dermoscopy_phantom
+from segmote_core.sample_images import make_dermoscopy_phantom
 
 from tests.napari.helpers import wait_idle
 
@@ -43,7 +43,7 @@ def _box(c, z: int | None, mask: np.ndarray, qtbot) -> None:
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
     corners = [[y0, x0], [y0, x1], [y1, x1], [y1, x0]]
-    c.layers[L.BOXES].add_rectangles([[z, *p] for p in corners] if z is not None else corners)
+    c.layers[BOXES].add_rectangles([[z, *p] for p in corners] if z is not None else corners)
     wait_idle(qtbot, c)
 
 
@@ -54,10 +54,10 @@ def test_demo_model_auto_on_dermoscopy_phantom(make_napari_viewer, qtbot):
     _, lesion = make_dermoscopy_phantom()
     widget.auto_slice_button.clicked.emit()
     wait_idle(qtbot, c)
-    d_auto = dice(c.layers[L.CURRENT].data, lesion)
+    d_auto = dice(c.layers[CURRENT].data, lesion)
     widget.clear_button.clicked.emit()
     _box(c, None, lesion, qtbot)
-    d_box = dice(c.layers[L.CURRENT].data, lesion)
+    d_box = dice(c.layers[CURRENT].data, lesion)
     print(f"dermoscopy phantom: auto Dice {d_auto:.3f}, box Dice {d_box:.3f}")
     assert d_box >= 0.85 and d_auto >= 0.80
     assert "expert" in widget.status.value

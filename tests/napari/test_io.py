@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_segmote import _layers as L
+from napari_segmote.layers import COMMITTED
 from napari_segmote._reader import napari_get_reader
-from napari_segmote._sample_data import make_ct_phantom
+from segmote_core.sample_images import make_ct_phantom
 
 pytestmark = pytest.mark.gui
 
@@ -51,7 +51,7 @@ def test_nifti_read_annotate_write_keeps_affine(make_napari_viewer, nifti_ct, tm
     session = widget.start()
     session.current[4:8][ref[4:8] == 3] = 1
     widget.commit_button.clicked.emit()
-    committed = viewer.layers[L.COMMITTED]
+    committed = viewer.layers[COMMITTED]
     assert committed.data.max() == 1
 
     out = tmp_path / "labels.nii.gz"

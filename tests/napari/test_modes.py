@@ -7,9 +7,9 @@ import pytest
 
 from segmote_core import SegMoTEPredictor
 
-from napari_segmote import _layers as L
-from napari_segmote._sample_data import make_ct_phantom, make_dermoscopy_phantom
-from napari_segmote._session import mask_to_logits
+from napari_segmote.layers import BOXES, COMMITTED, CURRENT, HEATMAP
+from segmote_core.sample_images import make_ct_phantom, make_dermoscopy_phantom
+from segmote_core.session import mask_to_logits
 
 from tests.napari.helpers import go_to_slice, wait_idle
 
@@ -37,16 +37,16 @@ def test_rgb_box_prompt(make_napari_viewer, qtbot, tiny_model_shared):
     assert c.session.rgb and not c.session.is_volume
     img, lesion = make_dermoscopy_phantom()
     ys, xs = np.nonzero(lesion)
-    c.layers[L.BOXES].add_rectangles([[ys.min(), xs.min()], [ys.max(), xs.max()]])
+    c.layers[BOXES].add_rectangles([[ys.min(), xs.min()], [ys.max(), xs.max()]])
     wait_idle(qtbot, c)
     p = SegMoTEPredictor(tiny_model_shared)
     p.set_image(img, modality="DERM")
     expected = p.predict(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()])).masks[0]
-    current = c.layers[L.CURRENT].data
+    current = c.layers[CURRENT].data
     assert current.shape == lesion.shape
     np.testing.assert_array_equal(current.astype(bool), expected)
     widget.commit_button.clicked.emit()
-    assert c.layers[L.COMMITTED].data.max() == 1
+    assert c.layers[COMMITTED].data.max() == 1
 
 
 def test_refine_object_of_labels_layer_and_heatmap(annotator, qtbot, tiny_model_shared):
@@ -65,8 +65,8 @@ def test_refine_object_of_labels_layer_and_heatmap(annotator, qtbot, tiny_model_
     cfg = tiny_model_shared.config
     logits = mask_to_logits(ref[z] == 5, cfg.resolved_image_size, 4 * cfg.embedding_size)
     pred = p.predict(mask_input=logits)
-    np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), pred.masks[0])
-    heat = viewer.layers[L.HEATMAP]
+    np.testing.assert_array_equal(c.layers[CURRENT].data[z].astype(bool), pred.masks[0])
+    heat = viewer.layers[HEATMAP]
     assert heat.data.shape == (1, *vol.shape[1:])
     np.testing.assert_allclose(heat.data[0], p.routing_heatmaps()[pred.expert], atol=1e-5)
     assert heat.translate[0] == pytest.approx(z * c.image_layer.scale[0])

@@ -7,8 +7,8 @@ import pytest
 
 from segmote_core import SegMoTEPredictor
 
-from napari_segmote import _layers as L
-from napari_segmote._sample_data import make_ct_phantom
+from napari_segmote.layers import BOXES, COMMITTED, CURRENT, POINTS
+from segmote_core.sample_images import make_ct_phantom
 
 from tests.napari.helpers import bright_centre, go_to_slice, open_annotator, wait_idle
 
@@ -29,9 +29,9 @@ def test_point_prompt_predicts_on_its_slice(annotator, qtbot, tiny_model_shared)
     go_to_slice(viewer, c.image_layer, z)
     assert c.z == z
     y, x = bright_centre(ref, 5, z)
-    c.layers[L.POINTS].add([[z, y, x]])
+    c.layers[POINTS].add([[z, y, x]])
     wait_idle(qtbot, c)           # the slice embedding runs in a worker, then the decoder
-    current = c.layers[L.CURRENT].data
+    current = c.layers[CURRENT].data
     assert current.shape == vol.shape
     expected = _expected(tiny_model_shared, vol[z], point_coords=np.array([[x, y]]),
                          point_labels=np.array([1]))
@@ -43,7 +43,7 @@ def test_point_prompt_predicts_on_its_slice(annotator, qtbot, tiny_model_shared)
 
 
 def _prompt(c, qtbot, z: int, y: float, x: float) -> None:
-    c.layers[L.POINTS].add([[z, y, x]])
+    c.layers[POINTS].add([[z, y, x]])
     wait_idle(qtbot, c)
 
 
@@ -54,16 +54,16 @@ def test_commit_increments_ids_keeps_objects_and_undo_restores(annotator, qtbot)
     z = 12
     go_to_slice(viewer, c.image_layer, z)
     _prompt(c, qtbot, z, *bright_centre(ref, 5, z))
-    first = c.layers[L.CURRENT].data.astype(bool).copy()
+    first = c.layers[CURRENT].data.astype(bool).copy()
     assert first.any()
     widget.commit_button.clicked.emit()
-    committed = c.layers[L.COMMITTED].data
+    committed = c.layers[COMMITTED].data
     np.testing.assert_array_equal(committed == 1, first)
-    assert not c.layers[L.CURRENT].data.any() and len(c.layers[L.POINTS].data) == 0
+    assert not c.layers[CURRENT].data.any() and len(c.layers[POINTS].data) == 0
 
     go_to_slice(viewer, c.image_layer, 5)
     _prompt(c, qtbot, 5, *bright_centre(ref, 4, 5))
-    second = c.layers[L.CURRENT].data.astype(bool).copy()
+    second = c.layers[CURRENT].data.astype(bool).copy()
     assert second.any()
     widget.commit_button.clicked.emit()
     np.testing.assert_array_equal(committed == 1, first)          # earlier object kept
@@ -80,7 +80,7 @@ def test_commit_increments_ids_keeps_objects_and_undo_restores(annotator, qtbot)
 
     committed[3, 5:9, 5:9] = 4                                     # e.g. painted by hand
     widget.start()                                                 # a restart keeps objects
-    assert (c.layers[L.COMMITTED].data == 4).sum() == 16
+    assert (c.layers[COMMITTED].data == 4).sum() == 16
     assert c.session.next_label() == 5
 
 
@@ -97,22 +97,22 @@ def test_clear_and_keyboard_shortcuts(annotator, qtbot):
         assert str(KeyBinding.from_str(key)) in keys
     press = lambda key: keys[str(KeyBinding.from_str(key))](viewer)  # noqa: E731
     press("Shift-X")                                               # clear
-    assert not c.layers[L.CURRENT].data.any() and len(c.layers[L.POINTS].data) == 0
+    assert not c.layers[CURRENT].data.any() and len(c.layers[POINTS].data) == 0
     _prompt(c, qtbot, 12, *bright_centre(ref, 5, 12))
     press("Shift-C")                                               # commit
-    assert c.layers[L.COMMITTED].data.max() == 1
+    assert c.layers[COMMITTED].data.max() == 1
     press("Shift-N")                                               # next slice
     assert c.z == 13
-    c.layers[L.POINTS].add([[13, 60.0, 60.0]])                    # positive, stays selected
+    c.layers[POINTS].add([[13, 60.0, 60.0]])                    # positive, stays selected
     press("Shift-T")                                               # negative points
-    c.layers[L.POINTS].add([[13, 40.0, 40.0]])
+    c.layers[POINTS].add([[13, 40.0, 40.0]])
     wait_idle(qtbot, c)
-    points = c.layers[L.POINTS]
+    points = c.layers[POINTS]
     assert points.features["positive"].tolist() == [True, False]
     np.testing.assert_allclose(points.face_color[:, :3], [[0, 1, 0], [1, 0, 0]])
     assert c.prompts()["labels"].tolist() == [1, 0]
     press("Shift-U")                                               # undo
-    assert not c.layers[L.COMMITTED].data.any()
+    assert not c.layers[COMMITTED].data.any()
 
 
 def test_auto_segments_volume_without_prompts(annotator, qtbot, tiny_model_shared):
@@ -121,8 +121,8 @@ def test_auto_segments_volume_without_prompts(annotator, qtbot, tiny_model_share
     vol, _, _ = make_ct_phantom()
     widget.auto_volume_button.clicked.emit()
     wait_idle(qtbot, c)
-    assert len(c.layers[L.POINTS].data) == 0 and len(c.layers[L.BOXES].data) == 0
-    current = c.layers[L.CURRENT].data
+    assert len(c.layers[POINTS].data) == 0 and len(c.layers[BOXES].data) == 0
+    current = c.layers[CURRENT].data
     assert c.session.store.missing(range(vol.shape[0])) == []
     for z in (0, 12, 23):
         np.testing.assert_array_equal(current[z].astype(bool),
@@ -177,12 +177,12 @@ def test_prompt_during_volume_embedding_is_decoded_after_it(annotator, qtbot, ti
     z = 20                                         # embedded last: still missing now
     go_to_slice(viewer, c.image_layer, z)
     y, x = bright_centre(ref, 4, z)
-    c.layers[L.POINTS].add([[z, y, x]])            # no "busy" error: queued
+    c.layers[POINTS].add([[z, y, x]])            # no "busy" error: queued
     assert "waiting" in widget.status.value
     wait_idle(qtbot, c)
     expected = _expected(tiny_model_shared, vol[z], point_coords=np.array([[x, y]]),
                          point_labels=np.array([1]))
-    np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), expected)
+    np.testing.assert_array_equal(c.layers[CURRENT].data[z].astype(bool), expected)
 
 
 def test_segment_volume_propagates_from_prompted_slice(annotator, qtbot, tiny_model_shared):
@@ -196,14 +196,14 @@ def test_segment_volume_propagates_from_prompted_slice(annotator, qtbot, tiny_mo
     ys, xs = np.nonzero(ref[z] == 5)
     box = [xs.min(), ys.min(), xs.max(), ys.max()]
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
-    c.layers[L.BOXES].add_rectangles([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]])
+    c.layers[BOXES].add_rectangles([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]])
     wait_idle(qtbot, c)
-    seed = c.layers[L.CURRENT].data[z].astype(bool).copy()
+    seed = c.layers[CURRENT].data[z].astype(bool).copy()
     widget.propagate_button.clicked.emit()
     wait_idle(qtbot, c)
     res = c.session.propagation
     assert res is not None and res.stops                      # both directions ended
-    current = c.layers[L.CURRENT].data
+    current = c.layers[CURRENT].data
     # the core call with the same prompt (over the embeddings the plugin computed) agrees
     expected = propagate(PredictorSegmenter(SegMoTEPredictor(tiny_model_shared), vol, "CT",
                                             "soft_tissue", cache=c.session.store),
@@ -221,7 +221,7 @@ def test_segment_volume_propagates_from_prompted_slice(annotator, qtbot, tiny_mo
     wait_idle(qtbot, c)
     reached = c.session.propagation.slices
     assert set(reached) <= set(range(z - 2, z + 3)) and z in reached
-    assert not np.delete(c.layers[L.CURRENT].data, reached, axis=0).any()
+    assert not np.delete(c.layers[CURRENT].data, reached, axis=0).any()
     assert {s.reason for s in c.session.propagation.stops} <= {
         "max_slices", "empty", "no_overlap", "leak"}
 
@@ -233,12 +233,12 @@ def test_partial_redraw_shows_what_a_full_refresh_shows(annotator, qtbot):
     _, ref, _ = make_ct_phantom()
     z = 12
     go_to_slice(viewer, c.image_layer, z)
-    current = c.layers[L.CURRENT]
+    current = c.layers[CURRENT]
     viewer.window.show()              # a hidden canvas renders black screenshots
 
     def cyan_pixels() -> tuple[np.ndarray, int]:
         for layer in viewer.layers:  # the current object alone on a black canvas (making a
-            if layer.name != L.CURRENT:  # layer visible refreshes it: never touch CURRENT)
+            if layer.name != CURRENT:  # layer visible refreshes it: never touch CURRENT)
                 layer.visible = False
         shot = viewer.screenshot(canvas_only=True, flash=False)
         return shot, int((shot[..., 2].astype(int) > 60).sum())
@@ -248,7 +248,7 @@ def test_partial_redraw_shows_what_a_full_refresh_shows(annotator, qtbot):
     masks = []
     for label in (5, 3):
         y, x = bright_centre(ref, label, z)
-        c.layers[L.POINTS].data = np.array([[z, y, x]])   # a moved prompt, as a drag does
+        c.layers[POINTS].data = np.array([[z, y, x]])   # a moved prompt, as a drag does
         wait_idle(qtbot, c)
         masks.append(current.data[z].astype(bool).copy())
         assert masks[-1].any()
@@ -258,7 +258,7 @@ def test_partial_redraw_shows_what_a_full_refresh_shows(annotator, qtbot):
         assert n > 0 and n == n_full
         np.testing.assert_array_equal(partial, full)
     assert (masks[0] != masks[1]).sum() > 100   # the second prompt really redrew something
-    c.layers[L.POINTS].data = np.empty((0, 3))            # no prompt: the mask is cleared
+    c.layers[POINTS].data = np.empty((0, 3))            # no prompt: the mask is cleared
     wait_idle(qtbot, c)
     assert not current.data[z].any() and cyan_pixels()[1] == 0
 
@@ -281,12 +281,12 @@ def test_category_text_guide_reaches_the_decoder(make_napari_viewer, qtbot):
     _prompt(c, qtbot, z, y, x)
     prompt = dict(point_coords=np.array([[x, y]]), point_labels=np.array([1]))
     plain = _expected(model, vol[z], **prompt)
-    np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), plain)
+    np.testing.assert_array_equal(c.layers[CURRENT].data[z].astype(bool), plain)
     for name in ("liver", "kidney"):
         widget.category.value = name          # re-runs the decoder on the current prompts
         guided = _expected(model, vol[z], text=name, **prompt)
-        np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), guided)
+        np.testing.assert_array_equal(c.layers[CURRENT].data[z].astype(bool), guided)
     assert (_expected(model, vol[z], text="liver", **prompt)
             != _expected(model, vol[z], text="kidney", **prompt)).any()
     widget.category.value = None
-    np.testing.assert_array_equal(c.layers[L.CURRENT].data[z].astype(bool), plain)
+    np.testing.assert_array_equal(c.layers[CURRENT].data[z].astype(bool), plain)

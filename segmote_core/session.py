@@ -1,4 +1,7 @@
-"""AnnotationSession: the plugin's logic, free of Qt and napari (testable on plain arrays).
+"""AnnotationSession: interactive annotation of one image, free of any GUI (plain arrays).
+
+The napari plugin drives it from its widget; a script or another GUI can drive it the same way
+(prompt a slice, read ``current``, commit, undo, propagate, run PPT).
 
 One session annotates one image: ``(Y, X)`` grey, ``(Y, X, 3)`` RGB, ``(Z, Y, X)`` volume or
 ``(Z, Y, X, 3)`` RGB stack. Internally every image is a stack of slices (2D images are one slice,
@@ -19,14 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segmote_core.predictor import Prediction, SegMoTEPredictor
-from segmote_core.progress import CancelToken
-from segmote_core.volume import (PredictorSegmenter, PropagationConfig, PropagationResult,
-                                 SlicePrompt, prompt_from_mask, propagate)
+from .embeddings import EmbeddingStore
+from .predictor import Prediction, SegMoTEPredictor
+from .progress import CancelToken, callback_steps
+from .volume import (PredictorSegmenter, PropagationConfig, PropagationResult, SlicePrompt,
+                     prompt_from_mask, propagate, segment_volume_auto)
 
-from ._embedding import EmbeddingStore, callback_steps, embedding_steps
-
-__all__ = ["AnnotationSession", "SliceResult", "MissingEmbeddingError", "mask_to_logits"]
+__all__ = ["AnnotationSession", "SlicePrediction", "MissingEmbeddingError", "mask_to_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ class MissingEmbeddingError(RuntimeError):
 
 
 @dataclass
-class SliceResult:
-    """What one decoder call produced for slice ``z``."""
+class SlicePrediction:
+    """What one decoder call (prompted or PPT) produced for slice ``z`` of a session."""
 
     z: int
     mask: np.ndarray            # (Y, X) bool
@@ -106,8 +108,8 @@ class AnnotationSession:
         self.committed = np.zeros(spatial, dtype=np.int32)
         self._undo: list[_Commit] = []
         self._loaded_z: int | None = None
-        self.last: SliceResult | None = None
-        self.auto_results: dict[int, SliceResult] = {}
+        self.last: SlicePrediction | None = None
+        self.auto_results: dict[int, SlicePrediction] = {}
         self.propagation: PropagationResult | None = None
 
     # ------------------------------------------------------------------ geometry
@@ -134,13 +136,13 @@ class AnnotationSession:
     def has_embedding(self, z: int) -> bool:
         return z in self.store
 
-    def embedding_steps(self, zs: list[int] | None = None, cancel: CancelToken | None = None
-                        ) -> Iterator[tuple[int, int]]:
-        """Generator computing missing embeddings (all slices by default) with its own predictor."""
-        worker_predictor = SegMoTEPredictor(self.predictor.model)
+    def embedding_steps(self, zs: list[int] | None = None, cancel: CancelToken | None = None,
+                        batch: int = 4) -> Iterator[tuple[int, int]]:
+        """Generator computing missing embeddings (all slices by default), ``batch`` per
+        encoder call; yields ``(done, total)`` (see :meth:`EmbeddingStore.compute_steps`)."""
         zs = list(range(self.n_slices)) if zs is None else zs
-        return embedding_steps(self.store, worker_predictor, zs, self.slice_image,
-                               self.modality, self.window, cancel)
+        return self.store.compute_steps(self.predictor, self.slice_image, zs, self.modality,
+                                        self.window, cancel, batch)
 
     def _load(self, z: int) -> None:
         if self._loaded_z == z:
@@ -154,7 +156,7 @@ class AnnotationSession:
     # ------------------------------------------------------------------ prompting
     def predict(self, z: int, points: np.ndarray | None = None, labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, mask: np.ndarray | None = None,
-                auto: bool = False, text: str | None = None) -> SliceResult | None:
+                auto: bool = False, text: str | None = None) -> SlicePrediction | None:
         """Run the decoder on slice ``z`` and write the mask into ``current[z]``.
 
         Args:
@@ -188,46 +190,44 @@ class AnnotationSession:
             point_labels=np.asarray(labels) if has_points else None,
             box=None if box is None else np.asarray(box, np.float32),
             mask_input=mask_input, auto=auto and not has_points and box is None, text=text)
-        result = SliceResult(z, pred.masks[0].astype(bool), float(pred.scores[0]), pred.expert,
-                             pred.expert_token, pred.confidence)
+        result = SlicePrediction(z, pred.masks[0].astype(bool), float(pred.scores[0]),
+                                 pred.expert, pred.expert_token, pred.confidence)
         self.plane(self.current, z)[:] = result.mask
         self.last = result
         return result
 
     def routing_heatmap(self) -> np.ndarray:
-        """(E, Y, X) routing heat maps of the last prediction (SPEC 1.2 step 8)."""
+        """(E, Y, X) routing heat maps of the last prediction: where each expert attended."""
         if self.last is None:
             raise RuntimeError("no prediction yet: prompt the model first")
         return self.predictor.routing_heatmaps()
 
-    def auto_steps(self, zs: list[int] | None = None, cancel: CancelToken | None = None
-                   ) -> Iterator[tuple[int, int]]:
+    def auto_steps(self, zs: list[int] | None = None, cancel: CancelToken | None = None,
+                   chunk: int = 4) -> Generator[tuple[int, int], None, None]:
         """Generator: PPT on each slice of ``zs`` (all by default) into ``current``.
 
-        Computes missing embeddings on the way; yields ``(done, total)``; the per-slice results
-        land in :attr:`auto_results`. Runs in a worker with its own predictor, so the
-        main-thread predictor stays free for prompting.
+        Runs ``segmote_core.volume.segment_volume_auto`` over this session's embedding store
+        (embedded slices skip the encoder, new embeddings are kept), ``chunk`` slices at a
+        time in a helper thread; yields ``(done, total)``. The per-slice results land in
+        :attr:`auto_results`. The main-thread predictor is not touched, so prompting stays free.
         """
-        zs = list(range(self.n_slices)) if zs is None else zs
-        pred = SegMoTEPredictor(self.predictor.model)
+        zs = list(range(self.n_slices)) if zs is None else [int(z) for z in zs]
+        for z in zs:
+            self._check_z(z)
+        self.store.check_compatible(self.predictor, self.modality, self.window)
         self.auto_results = {}
-        total = len(zs)
-        yield 0, total
-        for i, z in enumerate(zs):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            emb = self.store.get(z)
-            if emb is None:
-                pred.set_image(self.slice_image(z), modality=self.modality, window=self.window)
-                self.store.put(z, pred.get_embedding())
-            else:
-                pred.set_embedding(emb)
-            out = pred.predict(auto=True)
-            mask = out.masks[0].astype(bool)
-            self.plane(self.current, z)[:] = mask
-            self.auto_results[z] = SliceResult(z, mask, float(out.scores[0]), out.expert,
-                                               out.expert_token, out.confidence)
-            yield i + 1, total
+        out = self.current if self.is_volume else self.current[None]
+        precision = "bf16" if self.predictor.bf16 else "fp32"
+        res = yield from callback_steps(lambda progress: segment_volume_auto(
+            self.predictor.model, _Slices(self), self.modality, window=self.window, chunk=chunk,
+            out=out, precision=precision, slices=zs, embeddings=self.store, progress=progress,
+            cancel=cancel))
+        for z in zs:
+            self.auto_results[z] = SlicePrediction(
+                z, out[z].astype(bool), float(res.score[z]),
+                None if res.expert[z] < 0 else int(res.expert[z]),
+                None if res.token[z] < 0 else int(res.token[z]),
+                None if np.isnan(res.confidence[z]) else float(res.confidence[z]))
 
     # ------------------------------------------------------------------ objects
     def next_label(self) -> int:
@@ -302,7 +302,9 @@ class AnnotationSession:
                 slice_prompts[int(z)] = prompt_from_mask(p["mask"])
         if not slice_prompts:
             raise ValueError("nothing to propagate: prompt a slice (points, box or mask) first")
-        segmenter = PredictorSegmenter(SegMoTEPredictor(self.predictor.model), self.image,
+        worker = SegMoTEPredictor(self.predictor.model,
+                                  precision="bf16" if self.predictor.bf16 else "fp32")
+        segmenter = PredictorSegmenter(worker, self.image,
                                        self.modality, self.window, cache=self.store)
         result = yield from callback_steps(
             lambda progress: propagate(segmenter, slice_prompts, config, progress, cancel))
@@ -310,3 +312,15 @@ class AnnotationSession:
         self.last = None
         self.propagation = result
         return result
+
+
+class _Slices:
+    """The session's image as a ``(Z, Y, X[, 3])`` stack read slice by slice (2D: one slice)."""
+
+    def __init__(self, session: AnnotationSession) -> None:
+        self._session = session
+        n = session.n_slices
+        self.shape = (n, *session.shape[-2:], 3) if session.rgb else (n, *session.shape[-2:])
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return self._session.slice_image(int(z))

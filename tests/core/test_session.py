@@ -1,4 +1,5 @@
-"""The plugin's logic without a viewer: session, prompts from layer data, sample data."""
+"""The annotation session (segmote_core.session) without a viewer: prompts from layer data,
+embeddings, commit/undo, PPT auto mode, sample images."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import pytest
 from segmote_core import SegMoTEPredictor
 from segmote_core.progress import CancelToken, Cancelled
 
-from napari_segmote._prompts import box_on_slice, object_mask, points_on_slice
-from napari_segmote._sample_data import CT_CATEGORIES, make_ct_phantom, make_dermoscopy_phantom
-from napari_segmote._session import AnnotationSession, MissingEmbeddingError
+from segmote_core.embeddings import EmbeddingStore
+from segmote_core.prompts import box_on_slice, object_mask, points_on_slice
+from segmote_core.sample_images import CT_CATEGORIES, make_ct_phantom, make_dermoscopy_phantom
+from segmote_core.session import AnnotationSession, MissingEmbeddingError
+from segmote_core.volume import segment_volume_auto
+
 
 @pytest.fixture
-def volume_session(tiny_model_shared):
+def volume_session(tiny_model_256):
     vol, ref, _ = make_ct_phantom(shape=(8, 64, 64))
-    return AnnotationSession(vol, SegMoTEPredictor(tiny_model_shared), modality="CT"), vol, ref
+    return AnnotationSession(vol, SegMoTEPredictor(tiny_model_256), modality="CT"), vol, ref
 
 
 def test_points_and_boxes_from_layer_data():
@@ -59,10 +63,10 @@ def test_session_commit_undo_and_missing_embedding(volume_session):
     assert session.undo() is None
 
 
-def test_session_embeds_predicts_and_cancels(volume_session, tiny_model_shared):
+def test_session_embeds_predicts_and_cancels(volume_session, tiny_model_256):
     session, vol, ref = volume_session
     token = CancelToken()
-    steps = session.embedding_steps([2, 3, 4], token)
+    steps = session.embedding_steps([2, 3, 4], token, batch=1)
     assert next(steps) == (0, 3)
     assert next(steps) == (1, 3)
     token.cancel()
@@ -73,7 +77,7 @@ def test_session_embeds_predicts_and_cancels(volume_session, tiny_model_shared):
     ys, xs = np.nonzero(ref[3] == 5) if (ref[3] == 5).any() else np.nonzero(ref[3] == 4)
     pt = np.array([[xs.mean(), ys.mean()]])
     res = session.predict(3, points=pt, labels=np.array([1]))
-    ref_pred = SegMoTEPredictor(tiny_model_shared)
+    ref_pred = SegMoTEPredictor(tiny_model_256)
     ref_pred.set_image(vol[3], modality="CT")
     expected = ref_pred.predict(point_coords=pt, point_labels=np.array([1])).masks[0]
     np.testing.assert_array_equal(res.mask, expected)
@@ -83,9 +87,9 @@ def test_session_embeds_predicts_and_cancels(volume_session, tiny_model_shared):
     assert not np.delete(session.current, 3, axis=0).any()
 
 
-def test_session_2d_rgb(tiny_model_shared):
+def test_session_2d_rgb(tiny_model_256):
     img, lesion = make_dermoscopy_phantom(size=64)
-    session = AnnotationSession(img, SegMoTEPredictor(tiny_model_shared), rgb=True)
+    session = AnnotationSession(img, SegMoTEPredictor(tiny_model_256), rgb=True)
     assert session.n_slices == 1 and session.shape == (64, 64)
     list(session.embedding_steps())
     res = session.predict(0, box=np.array([10, 10, 50, 50]))
@@ -116,8 +120,6 @@ def test_sample_data_is_deterministic():
 def test_store_keeps_memory_bounded_over_a_disk_cache(tmp_path):
     from segmote_core.cache import EmbeddingCache
 
-    from napari_segmote._embedding import EmbeddingStore
-
     cache = EmbeddingCache(tmp_path / "c.zarr", {"model": "m"}, n_slices=6)
     store = EmbeddingStore(cache, max_in_memory=2)
     for z in range(6):
@@ -130,3 +132,56 @@ def test_store_keeps_memory_bounded_over_a_disk_cache(tmp_path):
     for z in range(6):
         mem_only.put(z, {"image_embeddings": np.zeros(1)})
     assert len(mem_only) == 6
+
+
+def test_embeddings_are_batched_and_equal_the_predictors(volume_session, tiny_model_256):
+    session, vol, _ = volume_session
+    steps = list(session.embedding_steps([0, 1, 2, 3, 4, 5], batch=4))
+    assert steps == [(0, 6), (4, 6), (6, 6)]                 # one step per encoder batch
+    single = SegMoTEPredictor(tiny_model_256)
+    for z in (0, 5):
+        single.set_image(vol[z], modality="CT")
+        ref, got = single.get_embedding(), session.store.get(z)
+        np.testing.assert_allclose(got["image_embeddings"], ref["image_embeddings"], atol=1e-5)
+        assert got["original_size"] == ref["original_size"] == (64, 64)
+        assert got["input_size"] == ref["input_size"]
+
+
+def test_disk_store_is_signed_as_the_cache_signs(tmp_path, tiny_model_256):
+    from segmote_core.cache import EmbeddingCacheMismatchError, EmbeddingCache
+
+    vol, _, _ = make_ct_phantom(shape=(8, 64, 64))
+    pred = SegMoTEPredictor(tiny_model_256)
+    store = EmbeddingStore.on_disk(tmp_path, pred, vol, 8, "CT", "soft_tissue")
+    ref = EmbeddingCache.for_volume(tmp_path / "ref.zarr", pred, vol, modality="CT",
+                                    window="soft_tissue")
+    assert store.cache.signature == ref.signature
+    with pytest.raises(EmbeddingCacheMismatchError, match="modality"):
+        list(store.compute_steps(pred, lambda z: vol[z], [0], modality="MR",
+                                 window="soft_tissue"))
+
+
+def test_auto_steps_use_the_volume_path_and_the_store(volume_session, tiny_model_256):
+    session, vol, _ = volume_session
+    list(session.embedding_steps([2]))
+    before = session.store.get(2)["image_embeddings"]
+    list(session.auto_steps([2, 5]))
+    ref = segment_volume_auto(tiny_model_256, vol, "CT", precision="fp32")
+    for z in (2, 5):
+        np.testing.assert_array_equal(session.current[z], ref.labels[z])
+        res = session.auto_results[z]
+        assert res.z == z and res.expert == ref.expert[z] and res.token == ref.token[z]
+        assert res.score == pytest.approx(float(ref.score[z]), abs=1e-5)
+        np.testing.assert_array_equal(res.mask, ref.labels[z].astype(bool))
+    assert session.store.get(2)["image_embeddings"] is before   # reused, not recomputed
+    assert 5 in session.store and 3 not in session.store        # computed once, kept
+    assert not session.current[[0, 1, 3, 4, 6, 7]].any()
+
+
+def test_auto_steps_on_a_2d_rgb_image(tiny_model_256):
+    img, _ = make_dermoscopy_phantom(size=64)
+    session = AnnotationSession(img, SegMoTEPredictor(tiny_model_256), rgb=True)
+    assert list(session.auto_steps()) == [(1, 1)]
+    ref = segment_volume_auto(tiny_model_256, img[None], precision="fp32")
+    np.testing.assert_array_equal(session.current, ref.labels[0])
+    assert set(session.auto_results) == {0} and 0 in session.store

@@ -1,7 +1,8 @@
-"""Viewer-side helpers: the plugin's layers, the current slice, layer metadata.
+"""The plugin's layers: their names (public: scripts and tests find the layers by them) and
+the viewer-side helpers that create and update them, read the current slice and layer metadata.
 
-Every layer the plugin adds shares the image layer's scale and translate, so their data
-coordinates are the image's pixel indices.
+Every layer the plugin adds shares the image layer's scale, translate and axis labels, so
+their data coordinates are the image's pixel indices.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ POSITIVE, NEGATIVE = "lime", "red"
 
 
 def geometry(layer: Any) -> dict[str, Any]:
-    """The scale/translate keyword arguments that align a new layer with ``layer``."""
-    return {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+    """The scale/translate/axis-label keyword arguments that align a new layer with ``layer``."""
+    return {"scale": tuple(layer.scale), "translate": tuple(layer.translate),
+            "axis_labels": tuple(layer.axis_labels)}
 
 
 def segmote_meta(layer: Any) -> dict[str, Any]:

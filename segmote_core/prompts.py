@@ -1,8 +1,9 @@
-"""Prompts from napari layer data (pure functions on arrays; no viewer needed).
+"""Prompts of one slice from annotation data held in image index order (pure array functions).
 
-Layers share the image's data coordinates: a Points layer ``(N, D)`` with a boolean
-``positive`` feature, a Shapes layer of rectangles ``(4, D)``; ``D`` is 3 ``(z, y, x)`` for
-volumes and 2 ``(y, x)`` for 2D and RGB images. The model wants XY pixels and XYXY boxes.
+A viewer holds prompts in the image's data coordinates: points ``(N, D)`` with a boolean
+``positive`` flag each, rectangles as ``(4, D)`` vertex arrays (napari's Points and Shapes
+``data``); ``D`` is 3 ``(z, y, x)`` for volumes and 2 ``(y, x)`` for 2D and RGB images. The
+model wants XY pixels and XYXY boxes: these helpers convert, slice by slice.
 """
 
 from __future__ import annotations
