@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .dicom_geometry import SeriesGeometry, dicom_window, series_geometry
-from .image import ImageReadError, MedicalImage, spacing_affine
+from .image import ImageReadError, MedicalImage, check_size, spacing_affine
 
 __all__ = ["DICOM_SUFFIXES", "DicomSeries", "is_dicom_file", "find_dicom_files", "scan_dicom",
            "read_series", "open_dicom", "holds_dicom", "dicom_case_id", "dicom_modality", "read_case_map"]
@@ -306,6 +306,10 @@ def read_series(series: DicomSeries, modality: str | None = None) -> MedicalImag
         raise ImageReadError(series.where, series.reason)
     geom = series_geometry(series.files, series.headers, series.path)
     dtype = geom.dtype
+    n = len(geom.frames)
+    check_size(series.where, (geom.rows, geom.cols, 3) if geom.rgb and n == 1 else
+               (n, geom.rows, geom.cols) if n > 1 else (geom.rows, geom.cols), dtype,
+               "ZYX" if n > 1 else "YXC" if geom.rgb else "YX")
     first = series.headers[0]
     meta: dict[str, Any] = {
         "format": "dicom", "window": dicom_window(first, geom),

@@ -298,3 +298,17 @@ def test_napari_reader_opens_a_dicom_folder_like_its_nifti(tmp_path, phantom):
         flipped[1] = hu.shape[1] - 1 - c[1]
         np.testing.assert_allclose(aff @ c, naff @ flipped, atol=1e-5)
     assert kwargs["contrast_limits"] == (-160.0, 240.0)               # the series' 40/400 window
+
+
+def test_read_limits_apply_to_dicom_series(tmp_path, phantom):
+    from segmote_core.io.image import ReadLimits, read_limits
+
+    hu, _, spacing = phantom
+    write_series(tmp_path / "ct", hu, spacing=spacing)
+    need_mb = hu.size * 4 / 2 ** 20                          # int32 HU (16 stored bits - 1024)
+    with read_limits(ReadLimits(volume_mb=need_mb / 2)):
+        with pytest.raises(ImageReadError, match="per-volume budget") as err:
+            open_image(tmp_path / "ct")
+    assert str(tmp_path / "ct") in str(err.value)
+    with read_limits(ReadLimits(volume_mb=need_mb * 2)):
+        assert open_image(tmp_path / "ct").shape == hu.shape
