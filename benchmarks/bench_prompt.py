@@ -45,7 +45,7 @@ def main() -> None:
     ours.set_image(image, modality="CT")
     print(f"embedding ({args.model_type}, bf16={ours.bf16}): {time.perf_counter() - t0:.2f} s")
 
-    # The same model without the HQ fusion branch: shows what that (SPEC-mandated) branch costs.
+    # The same model without the HQ fusion branch: shows what that (required) branch costs.
     lean = build_segmote(SegMoTEConfig(model_type=args.model_type, hq_fusion=False))
     lean.sam.load_state_dict(model.sam.state_dict())
     no_fusion = SegMoTEPredictor(lean)

@@ -1,4 +1,4 @@
-"""Issue 4, acceptance 3: training steps with pre-computed embeddings vs the encoder in the loop.
+"""Training steps with pre-computed embeddings vs the encoder in the loop.
 
 Runs the real trainer (phase ``segmote``: frozen encoder, SegMoTE parts training) twice on the
 same slices and prompts: once with the embedding cache, once computing the encoder every step.

@@ -2,8 +2,8 @@
 the stock SAM way (load the whole NIfTI, ``SamPredictor.set_image`` per slice, keep embeddings).
 
 Each measurement runs in a fresh process (peak RSS from ``getrusage``), for a 40-slice and a
-400-slice 512 x 512 CT volume (.nii.gz), with the same tiny random-weight encoder. Acceptance
-(issue 3): SegMoTE's peak at 400 slices stays within 1.5x of its peak at 40.
+400-slice 512 x 512 CT volume (.nii.gz), with the same tiny random-weight encoder. Acceptance:
+SegMoTE's peak at 400 slices stays within 1.5x of its peak at 40.
 
     python benchmarks/bench_volume_memory.py [--slices 40 400] [--image-size 128] [--side 512]
 """

@@ -20,7 +20,7 @@ log = logging.getLogger("segmote.batch")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``batch`` options (shared by ``segmote batch`` and ``python -m pipeline``)."""
-    p.add_argument("cohort", help="input cohort .zarr (SPEC 2.1); opened read-only")
+    p.add_argument("cohort", help="input cohort .zarr (docs/formats.md); opened read-only")
     p.add_argument("out", help="output labels .zarr (created, or resumed)")
     m = p.add_argument_group("model (default: the bundled demo model)")
     m.add_argument("--segmote-checkpoint", help="SegMoTE .safetensors (its .json beside it)")

@@ -1,4 +1,4 @@
-"""The run's output store (SPEC 2.1): ``OUT.zarr/<case>/labels``, signed, ``complete`` last.
+"""The run's output store (docs/formats.md): ``OUT.zarr/<case>/labels``, signed, ``complete`` last.
 
 ```
 OUT.zarr/                 attrs {"segmote": {"kind": "labels", "version": 1},

@@ -54,7 +54,7 @@ def interpolate_position_tables(state: dict[str, Tensor], sam: Sam) -> dict[str,
 
     An official checkpoint is trained at 1024 px (64 x 64 tokens); at 512 px the absolute table
     is resized bicubically to 32 x 32 and the global-attention blocks' relative tables
-    (2 * 64 - 1 rows) linearly to 2 * 32 - 1 rows (SPEC 1.4). Windowed blocks keep theirs.
+    (2 * 64 - 1 rows) linearly to 2 * 32 - 1 rows (docs/model.md). Windowed blocks keep theirs.
     """
     target = sam.state_dict()
     out = dict(state)

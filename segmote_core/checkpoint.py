@@ -1,4 +1,5 @@
-"""Checkpoints (SPEC 1.5): SegMoTE weights in safetensors + a JSON config that rebuilds them.
+"""Checkpoints: SegMoTE weights in safetensors + a JSON config that rebuilds them
+(format: docs/formats.md).
 
 File layout: ``name.safetensors`` holds the added tensors (and SAM's decoder when it was
 fine-tuned, and the whole SAM when its base is not an official checkpoint, as for ``tiny``);

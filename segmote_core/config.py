@@ -41,17 +41,18 @@ ENCODER_PRESETS: dict[str, EncoderPreset] = {
 
 @dataclass(frozen=True)
 class SegMoTEConfig:
-    """Everything needed to rebuild a SegMoTE model (SPEC 1.1-1.5).
+    """Everything needed to rebuild a SegMoTE model (docs/model.md).
 
     Attributes:
         model_type: ``"vit_b" | "vit_l" | "vit_h" | "tiny"``.
         image_size: encoder input side in pixels; ``None`` takes the preset's (1024, tiny 256).
-            512 with an official checkpoint interpolates the position tables (SPEC 1.4).
+            512 with an official checkpoint interpolates the position tables (docs/model.md).
         num_expert_tokens: T learnable expert tokens; 0 switches expert tokens and MoTE off.
         num_experts: E token experts per decoder block.
         top_k: experts per token (1 as the authors' code, 2 as the paper's figure).
         expert_rank: r, the width of each expert FFN.
-        weight_tokens: apply the token weights w = softmax_t(c) to the MoTE update (SPEC 1.2.5).
+        weight_tokens: apply the token weights w = softmax_t(c) to the MoTE update (docs/model.md,
+            router step 5).
         hq_fusion: fuse the image embedding and an early ViT block into the expert mask features.
         num_ppt_queries: Q learnable PPT queries; 0 switches PPT off.
         ppt_heads: heads of PPT's multi-head attention.

@@ -1,4 +1,4 @@
-"""Resumable training checkpoints (SPEC 1.5 + trainer state).
+"""Resumable training checkpoints (docs/formats.md: model + trainer state).
 
 A checkpoint folder holds ``model.safetensors`` (+ ``.json``), written by the core's
 :func:`segmote_core.checkpoint.save_segmote`, and ``trainer_state.pt`` (optimiser state, position

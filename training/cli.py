@@ -19,7 +19,8 @@ def register_demo_data(subparsers) -> None:
     """Add ``segmote demo-data OUT.zarr [--small] [--seed N]``."""
     p = subparsers.add_parser(
         "demo-data", help="write the offline demo cohort (MNI brain + CT / X-ray / skin phantoms)",
-        description="Writes a labelled SPEC 2.1 cohort, deterministic from --seed, from the MNI "
+        description="Writes a labelled cohort (docs/formats.md), deterministic from --seed, "
+                    "from the MNI "
                     "ICBM152 template inside the nilearn wheel plus generated phantoms "
                     "(docs/demo_data.md). Nothing is downloaded.")
     p.add_argument("out", type=Path, help="cohort to write (a new .zarr path)")

@@ -1,7 +1,7 @@
-"""Labelled training cases of a SPEC 2.1 cohort, with the attrs training needs checked.
+"""Labelled training cases of a cohort (docs/formats.md), with the attrs training needs checked.
 
 Uses :func:`segmote_core.io.open_cohort` when the core provides it, else reads the zarr layout of
-SPEC 2.1 directly (``<case>/image``, ``<case>/labels``, case attrs ``dataset``, ``categories``,
+the cohort format directly (``<case>/image``, ``<case>/labels``, case attrs ``dataset``, ``categories``,
 ``auto_category``, ``patient``; image attrs ``modality``). Arrays stay lazy (zarr): volumes are
 read one slice at a time.
 """
@@ -37,7 +37,7 @@ class TrainingCase:
 def _raw_cases(path: Path) -> list[tuple[str, Any, Any, dict, dict]]:
     """(case_id, image, labels, case attrs, image attrs) per case."""
     try:
-        from segmote_core.io import open_cohort  # issue 3's reader, when present
+        from segmote_core.io import open_cohort  # the core's cohort reader, when installed
     except ImportError:
         open_cohort = None
     if open_cohort is not None:

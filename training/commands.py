@@ -23,7 +23,8 @@ def _parse_override(text: str) -> tuple[str, object]:
 def register_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train SegMoTE (or the demo's tiny SAM) from a YAML config",
-        description="Train per SPEC 1.4; resumes from OUTPUT_DIR/checkpoint when present. "
+        description="Train as docs/training.md describes; resumes from OUTPUT_DIR/checkpoint "
+                    "when present. "
                     "Every config key is documented in docs/training.md.")
     p.add_argument("config", type=Path, help="training config (YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

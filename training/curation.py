@@ -282,7 +282,7 @@ def curate(cohort: str | Path, out: str | Path, *, keep: float = 0.8, test_fract
     """Score, select and split a labelled cohort; write selection, report CSV and summary JSON.
 
     Args:
-        cohort: labelled SPEC 2.1 cohort (never written).
+        cohort: labelled cohort, docs/formats.md (never written).
         out: a directory or a ``.json`` selection path (:func:`output_paths`).
         keep, test_fraction, seed: see :class:`CurationConfig` (ignored when ``config`` given).
     Raises:

@@ -1,5 +1,5 @@
 """Training slices from a labelled cohort: 2D images at the model's input size, one mask per
-category per slice, with modality, dataset and category (issue 4, SPEC 2.1 cohorts).
+category per slice, with modality, dataset and category (cohorts as in docs/formats.md).
 
 A case of a training cohort holds ``image`` ((Z, Y, X), (Y, X) or (Y, X, 3)) and ``labels``
 (integer ids, same spatial shape); the case group's attrs carry ``dataset``, ``categories``

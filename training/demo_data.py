@@ -1,4 +1,5 @@
-"""The offline demo cohort (``segmote demo-data``): a labelled SPEC 2.1 cohort, deterministic
+"""The offline demo cohort (``segmote demo-data``): a labelled cohort (docs/formats.md),
+deterministic
 from a seed, written with :func:`segmote_core.io.create_cohort` / :func:`write_case`.
 
 | dataset | cases (full / ``small``) | image | labels |

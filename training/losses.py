@@ -1,4 +1,4 @@
-"""Segmentation losses and the Dice score (SPEC 1.4).
+"""Segmentation losses and the Dice score (docs/model.md).
 
 ``L = w_dice * Dice + w_bce * BCE + w_focal * Focal + w_iou * MSE(IoU head, true IoU)
 + w_balance * L_bal``. Logits are upsampled to the ground truth's resolution before the loss.

@@ -1,4 +1,4 @@
-"""Pre-computed encoder outputs for training with a frozen encoder (issue 4, acceptance 3).
+"""Pre-computed encoder outputs for training with a frozen encoder.
 
 The image encoder is the expensive part of SegMoTE; with it frozen its outputs never change, so
 they are computed once per slice and every epoch runs only the decoder side. The cache lives in
@@ -6,7 +6,7 @@ memory as float16 tensors and on disk as one ``.safetensors`` file whose metadat
 encoder weights, the slice pixels and the image size: a file whose signature differs is refused
 (:class:`FeatureCacheMismatchError`) and recomputed, never silently reused.
 
-(The core's per-volume zarr cache, issue 3, serves the predictor; training needs random access to
+(The core's per-volume zarr cache serves the predictor; training needs random access to
 all slices of a dataset at once, so it keeps this flat tensor form.)
 """
 

@@ -1,4 +1,4 @@
-"""Training prompts drawn from the ground truth (SPEC 1.3-1.4).
+"""Training prompts drawn from the ground truth (docs/model.md).
 
 Each step draws one prompt mode for its whole batch (box 0.4 / points 0.3 / auto 0.3 by default):
 

@@ -1,4 +1,4 @@
-"""One training step's forward pass: prompts -> decoder -> loss (SPEC 1.3-1.4).
+"""One training step's forward pass: prompts -> decoder -> loss (docs/model.md).
 
 Phase ``segmote``: the loss is on the selected expert token's mask (``low_res_masks`` with
 M = 1; SAM's mask 0 when expert tokens are off) plus ``balance * L_bal``; with ``sam_aux`` > 0

@@ -27,7 +27,7 @@ class DataConfig:
     """Which slices to train on.
 
     Attributes:
-        cohort: path of the training cohort zarr (SPEC 2.1, with ``labels`` per case).
+        cohort: path of the training cohort zarr (docs/formats.md, with ``labels`` per case).
         selection: optional ``selection.json`` from ``segmote curate``; its ``split`` part is used.
         split: the split of the selection to train on (``"train"``); ignored without selection.
         datasets: restrict to these dataset names (empty: all).
@@ -53,7 +53,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser, schedule and run control (SPEC 1.4 defaults).
+    """Optimiser, schedule and run control (defaults of docs/model.md).
 
     Attributes:
         epochs: number of epochs.
@@ -98,7 +98,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """How training prompts are drawn from the ground truth (SPEC 1.4).
+    """How training prompts are drawn from the ground truth (docs/model.md).
 
     Attributes:
         p_box, p_points, p_auto: probability of a box / points / text-or-PPT step (0.4/0.3/0.3).
@@ -131,7 +131,7 @@ class TrainConfig:
 
     Attributes:
         model: the SegMoTE model configuration (``SegMoTEConfig`` keys).
-        phase: ``"segmote"`` (frozen encoder + prompt encoder, the SegMoTE parts train, SPEC 1.4)
+        phase: ``"segmote"`` (frozen encoder + prompt encoder, the SegMoTE parts train)
             or ``"sam"`` (SAM without expert tokens trained end to end, box/point prompts, SAM's
             ambiguity-aware loss; the text token names ambiguous categories when the model has
             a text guide; used only to make a tiny encoder when no pretrained SAM exists, i.e.

@@ -1,4 +1,4 @@
-"""The training loop (``segmote train CONFIG.yaml``; SPEC 1.4-1.5, issue 4).
+"""The training loop (``segmote train CONFIG.yaml``).
 
 Adam (lr 1e-4), the lr multiplied by ``lr_gamma`` after each epoch of ``lr_milestones``
 (halved after epochs 7 and 12 by default); B slices decoded per step with one prompt set each;

@@ -1,4 +1,4 @@
-"""Medical image I/O: readers, label writers, the cohort zarr format (SPEC 2.1) and ingest.
+"""Medical image I/O: readers, label writers, the cohort zarr format (docs/formats.md) and ingest.
 
 ```python
 from segmote_core.io import open_image, write_labels, create_cohort, write_case, open_cohort

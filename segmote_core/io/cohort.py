@@ -1,4 +1,4 @@
-"""The cohort format of SPEC 2.1: one zarr v3 group per case, each with an ``image`` array in
+"""The cohort format (docs/formats.md): one zarr v3 group per case, each with an ``image`` array in
 chunks of whole slices and, optionally, ground-truth ``labels`` of the same shape.
 
 ```

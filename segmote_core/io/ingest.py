@@ -1,5 +1,5 @@
 """``segmote ingest``: a folder or list file of images (optionally with ground-truth labels) into a
-cohort zarr (SPEC 2.1), one group per case.
+cohort zarr (docs/formats.md), one group per case.
 
 - Idempotent: a case already in the cohort, complete, from the same source files (path, size and
   modification time) is skipped; an interrupted case (``complete`` false) is rewritten.

@@ -3,7 +3,7 @@
 ``SegMoTEMaskDecoder`` owns only the added parameters; the stock decoder is passed in at call
 time, so SAM's state dict keeps its own keys and official checkpoints load unchanged.
 
-Token order: ``[IoU, 4 mask tokens, T expert tokens, sparse prompt tokens]`` (SPEC 1.1).
+Token order: ``[IoU, 4 mask tokens, T expert tokens, sparse prompt tokens]`` (docs/model.md).
 Batching: ``image_embeddings`` of batch 1 with N prompt sets (stock SAM), or of batch N with
 N prompt sets (one per image, no repeat of the embeddings).
 """
@@ -35,7 +35,7 @@ class RawDecoderOutput:
 
 
 class SegMoTEMaskDecoder(nn.Module):
-    """The added decoder parameters and the decoding pass (SPEC 1.1-1.2)."""
+    """The added decoder parameters and the decoding pass (docs/model.md)."""
 
     def __init__(self, *, dim: int, depth: int, vit_dim: int, num_expert_tokens: int = 4,
                  num_experts: int = 4, top_k: int = 1, rank: int = 64,

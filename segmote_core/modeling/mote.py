@@ -1,4 +1,4 @@
-"""Mixture of Token Experts (SPEC 1.2): the router that updates SegMoTE's expert tokens."""
+"""Mixture of Token Experts (docs/model.md): the router that updates SegMoTE's expert tokens."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class MoTERouter(nn.Module):
         top_vals, top_idx = logits.topk(self.top_k, dim=-1)
         top_gates = torch.softmax(top_vals, dim=-1)
         if self.training and torch.is_grad_enabled():
-            # Straight-through routing gradient: values stay exactly SPEC's gates, but the
+            # Straight-through routing gradient: values stay exactly the documented gates, but the
             # gradient of the full-softmax probability reaches W_g (with k = 1 the top-k
             # softmax is constant 1 and the router would otherwise never learn).
             p = torch.softmax(logits, dim=-1).gather(-1, top_idx)

@@ -1,4 +1,4 @@
-"""Progressive Prompt Tokenization (SPEC 1.3): prompt tokens pooled from the image itself.
+"""Progressive Prompt Tokenization (docs/model.md): prompt tokens pooled from the image itself.
 
 Also the pluggable text encoders for PPT's training-time text guide. The default is a learned
 embedding table over the training vocabulary (saved in the checkpoint); ``MiniLMTextEncoder``

@@ -71,7 +71,7 @@ def stability_score(logits: Tensor, threshold: float = 0.0, offset: float = 1.0)
 
 
 class SegMoTE(nn.Module):
-    """SAM + expert tokens / MoTE + PPT (SPEC 1)."""
+    """SAM + expert tokens / MoTE + PPT (docs/model.md)."""
 
     def __init__(self, sam: Sam, config: SegMoTEConfig, compute_text_vectors: bool = True) -> None:
         super().__init__()
@@ -209,7 +209,7 @@ class SegMoTE(nn.Module):
             auto: PPT tokens replace the sparse prompt (prompt-free segmentation).
             text_ids: (N,) vocabulary indices: a text token beside the prompt (PPT training).
             multimask_output: return SAM's three ambiguity masks (M = 3) instead of one.
-            want_heatmaps: compute routing heat maps (SPEC 1.2 step 8).
+            want_heatmaps: compute routing heat maps (docs/model.md, router step 8).
             fusion_bf16: per-prompt fusion convs under bf16 autocast (inference speed).
         """
         if auto and (points is not None or boxes is not None):

@@ -1,4 +1,4 @@
-"""SAM's two-way transformer run with MoTE inserted in each block (SPEC 1.1).
+"""SAM's two-way transformer run with MoTE inserted in each block (docs/model.md).
 
 Nothing here owns SAM weights: the functions run the stock ``segment_anything``
 ``TwoWayTransformer`` / ``TwoWayAttentionBlock`` sub-modules in SAM's own order, and insert the
@@ -34,7 +34,7 @@ class TransformerOutput:
 def attention_probs(attn: Attention, q: Tensor, k: Tensor) -> Tensor:
     """The softmax attention map of SAM's ``Attention`` for queries ``q`` and keys ``k``.
 
-    Returns (B, heads, N_q, N_k). Used only for routing heat maps (SPEC 1.2 step 8).
+    Returns (B, heads, N_q, N_k). Used only for routing heat maps (docs/model.md, router step 8).
     """
     return _softmax_last(_scores(attn, q, k))
 
