@@ -192,6 +192,10 @@ def scan_dicom(paths: Iterable[str | Path]) -> list[DicomSeries]:
     images dropped with a note), ignored objects (DICOMDIR, SR, RTSTRUCT, SEG, ...) and, one
     per file, unreadable files (``status="failed"``, ``reason`` naming the problem).
     """
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        raise ImportError("reading DICOM needs pydicom: pip install 'segmote[dicom]'") from None
     groups: dict[tuple[str, str], DicomSeries] = {}
     out: list[DicomSeries] = []
     for path in (Path(p) for p in paths):

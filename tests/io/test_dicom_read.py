@@ -8,8 +8,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
+
+pydicom = pytest.importorskip("pydicom")  # the dicom extra
 
 from segmote_core.io import ImageReadError, open_image
 from segmote_core.io.dicom import dicom_modality

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pydicom
 import pytest
+
+pydicom = pytest.importorskip("pydicom")  # the dicom extra
 
 from segmote_core.io import open_cohort, open_image
 from segmote_core.io.dicom_seg import write_dicom_seg
