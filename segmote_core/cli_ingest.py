@@ -15,10 +15,12 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "ingest", help="images (NIfTI, TIFF, PNG/JPEG, zarr) into a cohort zarr",
+        "ingest", help="images (NIfTI, TIFF, PNG/JPEG, zarr, DICOM) into a cohort zarr",
         description="Ingest a folder (or a list file: image[,labels[,case_id[,modality]]] per "
                     "line) of medical images, optionally with ground-truth labels, into a cohort "
-                    "zarr (one group per case). Idempotent: complete cases from unchanged files "
+                    "zarr (one group per case). DICOM files anywhere under the folder become one "
+                    "case per series (ids hashed from the UIDs; no patient attribute is copied). "
+                    "Idempotent: complete cases from unchanged files "
                     "are skipped. Broken files are listed in the report; the rest are ingested. "
                     "Exit status 1 when any case failed.")
     p.add_argument("source", help="folder of images, or a list file")
@@ -32,6 +34,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="label category, e.g. --category 1=liver (repeatable)")
     p.add_argument("--auto-category", help="the union category PPT segments (binary datasets)")
     p.add_argument("--force", action="store_true", help="rewrite cases that are already complete")
+    p.add_argument("--keep-uids", action="store_true",
+                   help="DICOM: store the Study/Series/FrameOfReference/SOP instance UIDs in the "
+                        "case attrs (needed to write DICOM-SEG back; no other DICOM attribute "
+                        "that could identify a patient is stored)")
+    p.add_argument("--case-map", metavar="CSV",
+                   help="DICOM: SeriesInstanceUID,case_id per line (default ids: dcm-<hash of "
+                        "the Study/SeriesInstanceUID>)")
     p.add_argument("--report-json", action="store_true", help="print the report as JSON lines")
     p.set_defaults(func=run)
     return p
@@ -60,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
             attrs["categories"] = _categories(args.category)
         if args.auto_category:
             attrs["auto_category"] = args.auto_category
+        case_map = None
+        if args.case_map:
+            from .io.dicom import read_case_map
+
+            case_map = read_case_map(args.case_map)
         bar = tqdm(total=0, unit="case", desc="ingest", disable=None)
 
         def progress(done: int, total: int) -> None:
@@ -69,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             rep = ingest(args.source, args.cohort, labels=args.labels, modality=args.modality,
-                         attrs=attrs, force=args.force, progress=progress)
+                         attrs=attrs, force=args.force,
+                         keep_uids=args.keep_uids,
+                         case_map=case_map, progress=progress)
         finally:
             bar.close()
     except (FileNotFoundError, ValueError) as exc:
@@ -84,4 +100,7 @@ def run(args: argparse.Namespace) -> int:
               f"{c['failed']} failed\n")
     for r in rep.failed:
         out.write(f"FAILED {r.case_id}: {r.error}\n")
+    for r in rep.records:
+        if r.note:
+            out.write(f"NOTE {r.case_id}: {r.note}\n")
     return 0 if rep.ok else 1

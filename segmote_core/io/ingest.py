@@ -11,6 +11,10 @@ cohort zarr (docs/formats.md), one group per case.
   from the case id. A list file holds one case per line: ``image[,labels[,case_id[,modality]]]``
   (comma or tab separated, csv quoting, ``#`` comments, paths relative to the list file), or
   any column order under a header line naming them (see :func:`_read_list` for the synonyms).
+- DICOM files anywhere under the source folder are grouped by series: one case per
+  SeriesInstanceUID, its id a hash of the Study/SeriesInstanceUID (or from a user's map file);
+  localizers, DICOMDIRs and non-image objects are listed as skipped with a note. No patient
+  attribute is copied; ``keep_uids`` stores the UIDs a DICOM-SEG needs (docs/medical_io.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..fileio import atomic_write_text
 from ..progress import CancelToken, Cancelled, ProgressCallback, report
 from .cohort import create_cohort, open_cohort, write_case
 from .image import ImageReadError
+from .dicom import find_dicom_files, is_dicom_file, read_series, scan_dicom
 from .readers import IMAGE_SUFFIXES, image_format, open_image
 
 __all__ = ["IngestItem", "IngestRecord", "IngestReport", "collect_inputs", "ingest",
@@ -49,6 +54,7 @@ class IngestItem:
     labels: Path | None
     case_id: str
     modality: str | None = None
+    series: Any = field(default=None, compare=False, hash=False)   # a DicomSeries
 
 
 @dataclass
@@ -60,6 +66,7 @@ class IngestRecord:
     error: str = ""
     seconds: float = 0.0
     shape: str = ""
+    note: str = ""
 
 
 @dataclass
@@ -170,19 +177,29 @@ def _read_list(path: Path) -> list[IngestItem]:
 
 
 def collect_inputs(source: str | Path | Sequence[str | Path],
-                   labels: str | Path | None = None) -> list[IngestItem]:
-    """The cases to ingest from a folder, a list file, or a sequence of image paths."""
+                   labels: str | Path | None = None,
+                   case_map: dict[str, str] | None = None) -> list[IngestItem]:
+    """The cases to ingest from a folder, a list file, or a sequence of image paths; DICOM
+    files under a folder (or a DICOM file's own series) become one item per series, their case
+    ids from ``case_map`` (SeriesInstanceUID -> case id) or derived from the UIDs."""
     label_dirs = [Path(labels)] if labels is not None else []
+    dicom: list[Path] = []
     if isinstance(source, (str, os.PathLike)):
         src = Path(source)
         if not src.exists():
             raise FileNotFoundError(f"{src}: no such folder or list file")
-        if src.is_file() and image_format(src) is None:
+        fmt = image_format(src)
+        if src.is_file() and fmt is None:
             return _read_list(src)
-        if src.is_dir() and image_format(src) != "zarr":
+        if src.is_dir() and fmt != "zarr":
             paths = sorted(p for p in src.iterdir() if not p.name.startswith(".")
-                           and image_format(p) is not None and not _is_label_name(p.name))
+                           and image_format(p) not in (None, "dicom")
+                           and not _is_label_name(p.name))
             label_dirs.append(src)
+            dicom = find_dicom_files(src) if fmt == "dicom" else []
+        elif fmt == "dicom":
+            paths, dicom = [], _same_series(src)
+            label_dirs.append(src.parent)
         else:
             paths = [src]
     else:
@@ -191,9 +208,31 @@ def collect_inputs(source: str | Path | Sequence[str | Path],
     for p in paths:
         cid = case_id_from_path(p)
         items.append(IngestItem(p, _find_labels(p, cid, label_dirs), cid))
+    for series in scan_dicom(dicom):
+        cid = (case_map or {}).get(series.series_uid, series.case_id)
+        series.case_id = cid
+        lab = _find_labels(Path(f"{cid}.dicom-series"), cid, label_dirs) \
+            if series.status == "image" else None
+        items.append(IngestItem(series.where, lab, cid, series=series))
     if not items:
         raise ValueError(f"{source}: no images found (supported: {', '.join(IMAGE_SUFFIXES)})")
     return items
+
+
+def _same_series(path: Path) -> list[Path]:
+    """The DICOM files of ``path``'s folder that share its SeriesInstanceUID."""
+    import pydicom
+
+    def uid(p: Path) -> str:
+        try:
+            return str(pydicom.dcmread(p, stop_before_pixels=True, force=True,
+                                       specific_tags=["SeriesInstanceUID"]).get(
+                "SeriesInstanceUID", ""))
+        except Exception:  # an unreadable neighbour is not this series
+            return ""
+    own = uid(path)
+    return [p for p in sorted(path.parent.iterdir()) if p == path or (
+        own and is_dicom_file(p) and uid(p) == own)]
 
 
 def _signature(item: IngestItem) -> list[Any]:
@@ -201,6 +240,9 @@ def _signature(item: IngestItem) -> list[Any]:
     for p in (item.image, item.labels):
         if p is None:
             sig.append(None)
+            continue
+        if p is item.image and item.series is not None:
+            sig.append(item.series.signature())
             continue
         st = p.stat()
         sig.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
@@ -238,13 +280,20 @@ def _integral(block: np.ndarray, path: str) -> np.ndarray:
 
 
 def _ingest_one(item: IngestItem, cohort: Path, modality: str | None, attrs: dict[str, Any],
-                cancel: CancelToken | None) -> str:
-    img = open_image(item.image, modality=item.modality or modality)
+                cancel: CancelToken | None, keep_uids: bool = False) -> str:
+    if item.series is not None:
+        img = read_series(item.series, modality=item.modality or modality)
+    else:
+        img = open_image(item.image, modality=item.modality or modality)
     spatial = img.shape[:2] if img.axes == "YXC" else img.shape
     labels = _label_data(item.labels, spatial) if item.labels is not None else None
     extra = {**attrs, "source": str(item.image), "labels_source": str(item.labels or ""),
              "source_signature": _signature(item), "source_format": img.meta.get("format"),
              "orientation": img.meta.get("orientation")}
+    if item.series is not None:  # only non-identifying facts (docs/medical_io.md)
+        extra.update({"dicom": img.meta["dicom"], "window": img.meta.get("window")})
+        if keep_uids:
+            extra["dicom_uids"] = img.meta["dicom_uids"]
     write_case(cohort, item.case_id, img.data, spacing=img.spacing, affine=img.affine,
                modality=img.modality, labels=labels, attrs=extra, axes=img.axes, cancel=cancel)
     return "x".join(str(s) for s in img.shape)
@@ -253,6 +302,7 @@ def _ingest_one(item: IngestItem, cohort: Path, modality: str | None, attrs: dic
 def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
            labels: str | Path | None = None, modality: str | None = None,
            attrs: dict[str, Any] | None = None, force: bool = False,
+           keep_uids: bool = False, case_map: dict[str, str] | None = None,
            progress: ProgressCallback | None = None,
            cancel: CancelToken | None = None) -> IngestReport:
     """Ingest images into the cohort at ``cohort`` (created if absent); never raises for a bad case.
@@ -263,6 +313,9 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
         modality: for every case (default: guessed per file, or the list file's column).
         attrs: extra case attributes (``dataset``, ``categories``, ...).
         force: rewrite cases that are already complete.
+        keep_uids: store a DICOM series' Study/Series/FrameOfReference/SOP instance UIDs (what
+            a DICOM-SEG written back must reference) in the case attrs.
+        case_map: SeriesInstanceUID -> case id for DICOM series (default: a hash of the UIDs).
         progress: ``progress(done_cases, total_cases)``.
     Returns:
         The report, also written beside the cohort (``<cohort>.ingest_report.csv``; zarr
@@ -272,7 +325,8 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
     """
     cohort = Path(cohort)
     out = cohort.resolve()
-    items = [it for it in collect_inputs(source, labels) if it.image.resolve() != out]
+    items = [it for it in collect_inputs(source, labels, case_map)
+             if it.image.resolve() != out]
     create_cohort(cohort)           # after the inputs parsed: a bad list file creates nothing
     report_ = IngestReport(str(cohort))
     existing = open_cohort(cohort)
@@ -280,18 +334,27 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
     seen: dict[str, Path] = {}
     for i, item in enumerate(items):
         t0 = time.perf_counter()
-        rec = IngestRecord(item.case_id, str(item.image), str(item.labels or ""), "ingested")
+        rec = IngestRecord(item.case_id, str(item.image), str(item.labels or ""), "ingested",
+                           note="; ".join(item.series.notes) if item.series is not None else "")
         try:
-            if item.case_id in seen:
+            if item.series is not None and item.series.status == "failed":
+                raise ImageReadError(item.image, item.series.reason)
+            if item.series is not None and item.series.status == "ignored":
+                # a DICOMDIR, SR, RTSTRUCT, ..., or a localizer series: nothing to segment
+                rec.status, rec.note = "skipped", f"{item.image}: {item.series.reason}"
+                log.info("ingest: skipped %s", rec.note)
+            elif item.case_id in seen:
                 raise ImageReadError(item.image, f"case id {item.case_id!r} already used by "
                                                  f"{seen[item.case_id]}")
-            seen[item.case_id] = item.image
-            if (not force and item.case_id in done_ids and
-                    existing.case(item.case_id).attrs.get("source_signature") ==
-                    _jsonable(_signature(item))):
-                rec.status = "skipped"
             else:
-                rec.shape = _ingest_one(item, cohort, modality, attrs or {}, cancel)
+                seen[item.case_id] = item.image
+                if (not force and item.case_id in done_ids and
+                        existing.case(item.case_id).attrs.get("source_signature") ==
+                        _jsonable(_signature(item))):
+                    rec.status = "skipped"
+                else:
+                    rec.shape = _ingest_one(item, cohort, modality, attrs or {}, cancel,
+                                            keep_uids)
         except Cancelled:
             raise
         except (ImageReadError, ValueError, TypeError, OSError) as exc:
