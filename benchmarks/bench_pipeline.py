@@ -52,7 +52,7 @@ def bare_loop(cohort: Path, out: Path, ckpt: Path, batch_size: int, threads: int
     import torch
     import zarr
 
-    from segmote_core.checkpoint import load_segmote
+    from segmote_core.build import load_segmote
     from segmote_core.inference import segment_batch
     from segmote_core.io import open_cohort
 

@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_demo_model": "build",
     "demo_model_path": "build",
     "save_segmote": "checkpoint",
-    "load_segmote": "checkpoint",
+    "load_segmote": "build",
     "CheckpointError": "checkpoint",
     "SegMoTEMismatchError": "errors",
     "EmbeddingCacheMismatchError": "errors",

@@ -1,4 +1,7 @@
-"""Model builders: SAM's own modules for vit_b/l/h and ``tiny``, plus SegMoTE's additions."""
+"""Model builders and loaders: SAM's own modules for vit_b/l/h and ``tiny`` plus SegMoTE's
+additions, and the models that checkpoints describe (:func:`load_segmote`). Reading and
+writing checkpoint files is :mod:`segmote_core.checkpoint`'s job; this module imports it, never
+the other way round."""
 
 from __future__ import annotations
 
@@ -12,10 +15,13 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import Tensor
 
+from .checkpoint import (CheckpointError, checkpoint_state, load_sam_state_dict,
+                         load_state_strict, read_checkpoint_info)
 from .config import SegMoTEConfig
 from .modeling import SegMoTE
 
-__all__ = ["build_sam", "build_segmote", "load_model", "load_demo_model", "demo_model_path",
+__all__ = ["build_sam", "build_segmote", "load_segmote", "load_model", "load_demo_model",
+           "demo_model_path",
            "interpolate_position_tables"]
 
 log = logging.getLogger(__name__)
@@ -81,41 +87,36 @@ def build_segmote(config: SegMoTEConfig | None = None, *, sam_checkpoint: str | 
     """Build SegMoTE; with ``sam_checkpoint`` SAM's weights come from an official ``.pth``.
 
     The added modules start from their initialisation (the router's gate at zero, as the
-    authors'); load trained SegMoTE weights with :func:`segmote_core.checkpoint.load_segmote`.
+    authors'); load trained SegMoTE weights with :func:`load_segmote`.
     """
-    from .checkpoint import load_sam_state_dict  # local: checkpoint imports this module
-
     config = config or SegMoTEConfig()
     sam = build_sam(config)
     if sam_checkpoint is not None:
         state = load_sam_state_dict(sam_checkpoint)
         state = interpolate_position_tables(state, sam)
-        _load_strict(sam, state, str(sam_checkpoint))
+        load_state_strict(sam, state, str(sam_checkpoint))
     model = SegMoTE(sam, config, compute_text_vectors).to(device)
     model.eval()
     return model
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    from .checkpoint import CheckpointError
-
-    target = module.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    wrong = sorted(k for k in set(target) & set(state) if target[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if wrong:
-            parts.append("shape mismatch: " + show(
-                [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in wrong]))
-        raise CheckpointError(f"{source}: does not fit the model; " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
+                 device: str | torch.device = "cpu") -> SegMoTE:
+    """Rebuild the model a SegMoTE checkpoint describes and load its weights (strict keys)."""
+    path = Path(path)
+    info = read_checkpoint_info(path)
+    config = SegMoTEConfig.from_dict(info["config"])
+    base = info["base"]["kind"]
+    if base == "sam_checkpoint" and sam_checkpoint is None:
+        raise CheckpointError(
+            f"{path}: these SegMoTE weights sit on the official SAM {config.model_type} "
+            f"checkpoint; pass sam_checkpoint= (--sam-checkpoint) with its path")
+    model = build_segmote(config, sam_checkpoint=sam_checkpoint if base != "embedded" else None,
+                          compute_text_vectors=False)  # the vectors come from the file
+    state = checkpoint_state(path, info, model.state_dict())
+    load_state_strict(model, state, str(path))
+    model.apply_freezing()
+    return model.to(device).eval()
 
 
 def demo_model_path() -> Path:
@@ -125,8 +126,6 @@ def demo_model_path() -> Path:
 
 def load_demo_model(device: str | torch.device = "cpu") -> SegMoTE:
     """The bundled tiny demo model (trained by ``training/``), in eval mode."""
-    from .checkpoint import load_segmote
-
     path = demo_model_path()
     if not path.is_file():
         raise FileNotFoundError(
@@ -139,8 +138,6 @@ def load_model(segmote_checkpoint: str | Path | None = None,
                sam_checkpoint: str | Path | None = None, *, model_type: str = "vit_b",
                device: str | torch.device = "cpu") -> SegMoTE:
     """The model users ask for: SegMoTE weights (+ their SAM base), bare SAM, or the demo."""
-    from .checkpoint import load_segmote
-
     if segmote_checkpoint is not None:
         return load_segmote(segmote_checkpoint, sam_checkpoint=sam_checkpoint, device=device)
     if sam_checkpoint is not None:

@@ -19,11 +19,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .config import SegMoTEConfig
 from .fileio import atomic_write
-from .modeling import SegMoTE
+from .modeling import SegMoTE  # type of what save_segmote writes
 
-__all__ = ["CheckpointError", "save_segmote", "load_segmote", "read_checkpoint_info",
+__all__ = ["CheckpointError", "save_segmote", "read_checkpoint_info", "checkpoint_state",
+           "load_state_strict",
            "load_sam_state_dict", "package_versions", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -104,42 +104,57 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
-                 device: str | torch.device = "cpu") -> SegMoTE:
-    """Rebuild the model a SegMoTE checkpoint describes and load its weights (strict keys)."""
-    from .build import _load_strict, build_segmote
+def checkpoint_state(path: str | Path, info: Mapping[str, Any],
+                     model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The complete state dict to load into a freshly built model: ``model_state`` (its current,
+    e.g. official SAM, weights) overlaid with the checkpoint's tensors.
 
+    Raises:
+        CheckpointError: the tensors are truncated or corrupt, or the file lacks keys its
+            ``info`` says it holds (or holds keys the model does not have).
+    """
     path = Path(path)
-    info = read_checkpoint_info(path)
-    config = SegMoTEConfig.from_dict(info["config"])
-    base = info["base"]["kind"]
-    if base == "sam_checkpoint" and sam_checkpoint is None:
-        raise CheckpointError(
-            f"{path}: these SegMoTE weights sit on the official SAM {config.model_type} "
-            f"checkpoint; pass sam_checkpoint= (--sam-checkpoint) with its path")
-    model = build_segmote(config, sam_checkpoint=sam_checkpoint if base != "embedded" else None,
-                          compute_text_vectors=False)  # the vectors come from the file
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt tensors ({exc})") from exc
-    full = model.state_dict()
-    if base == "embedded":
-        expected = set(full)
+    if info["base"]["kind"] == "embedded":
+        expected = set(model_state)
     else:
-        expected = {k for k in full if not k.startswith("sam.")}
+        expected = {k for k in model_state if not k.startswith("sam.")}
         if info.get("decoder_included"):
-            expected |= {k for k in full if k.startswith("sam.mask_decoder.")}
-    state = dict(full)
-    state.update(tensors)
+            expected |= {k for k in model_state if k.startswith("sam.mask_decoder.")}
     unexpected = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit {config.model_type}: missing keys "
-                              f"{missing[:8]}, unexpected keys {unexpected[:8]}")
-    _load_strict(model, state, str(path))
-    model.apply_freezing()
-    return model.to(device).eval()
+        raise CheckpointError(f"{path}: does not fit {info['config'].get('model_type')}: missing "
+                              f"keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    state = dict(model_state)
+    state.update(tensors)
+    return state
+
+
+def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                      source: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, with a :class:`CheckpointError` naming
+    ``source`` and the missing, unexpected and mis-shaped keys instead of torch's error."""
+    target = module.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong = sorted(k for k in set(target) & set(state) if target[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if wrong:
+            parts.append("shape mismatch: " + show(
+                [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in wrong]))
+        raise CheckpointError(f"{source}: does not fit the model; " + "; ".join(parts))
+    module.load_state_dict(dict(state), strict=True)
 
 
 def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -86,7 +86,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from segmote_core.build import load_demo_model
-    from segmote_core.checkpoint import load_segmote
+    from segmote_core.build import load_segmote
 
     from .dataset import build_slice_dataset
     from .evaluate import evaluate_model, write_report

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from segmote_core.build import demo_model_path
-from segmote_core.checkpoint import load_segmote, save_segmote
+from segmote_core.build import demo_model_path, load_segmote
+from segmote_core.checkpoint import save_segmote
 
 from .dataset import build_slice_dataset
 from .evaluate import evaluate_model, tables, write_report

@@ -114,7 +114,7 @@ def test_join_cluster_with_address_and_refuse_other_model(tmp_path, ray_head):
     # box mode: one box per slice around an existing label array, written as --label-id
     import zarr
 
-    from segmote_core.checkpoint import load_segmote
+    from segmote_core.build import load_segmote
     from segmote_core.inference import segment_batch
 
     manual = np.zeros((2, 32, 32), np.uint8)

@@ -21,7 +21,7 @@ import pytest
 import zarr
 
 from pipeline.report import read_report
-from segmote_core.checkpoint import load_segmote
+from segmote_core.build import load_segmote
 from segmote_core.cli import main as segmote_main
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from segmote_core.checkpoint import load_segmote, read_checkpoint_info
+from segmote_core.build import load_segmote
+from segmote_core.checkpoint import read_checkpoint_info
 from segmote_core.config import SegMoTEConfig
 from segmote_core.progress import CancelToken, Cancelled
 from training.checkpointing import STATE_FILE
