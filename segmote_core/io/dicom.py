@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -403,10 +402,3 @@ def read_case_map(path: str | Path) -> dict[str, str]:
             raise ValueError(f"{path}: line {n}: {exc}") from None
     return out
 
-
-def case_counts(series: list[DicomSeries]) -> dict[str, int]:
-    """How many series of each status (for logs: counts only, never tag values)."""
-    out: dict[str, int] = defaultdict(int)
-    for s in series:
-        out[s.status] += 1
-    return dict(out)
