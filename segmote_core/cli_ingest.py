@@ -26,7 +26,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("source", help="folder of images, or a list file")
     p.add_argument("cohort", help="output cohort .zarr (created if absent)")
     p.add_argument("--labels", "--labels-dir", dest="labels",
-                   help="folder of ground-truth labels, paired by case id")
+                   help="folder of ground-truth labels, paired by case id: the image's file "
+                        "name, <case>.<suffix> (nnU-Net: imagesTr/pt000_0000.nii.gz with "
+                        "labelsTr/pt000.nii.gz), or <case>_seg|_label|_labels|_mask|_gt.<suffix>; "
+                        "a case without one is a warning")
+    p.add_argument("--require-labels", action="store_true",
+                   help="a case without a label file fails instead of a warning")
     p.add_argument("--modality", help="modality of every case (CT, MR, XR, DERM, ...); "
                                       "default: guessed per file")
     p.add_argument("--dataset", help="dataset name stored in every case's attrs")
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             rep = ingest(args.source, args.cohort, labels=args.labels, modality=args.modality,
                          attrs=attrs, force=args.force,
-                         keep_uids=args.keep_uids,
+                         keep_uids=args.keep_uids, require_labels=args.require_labels,
                          case_map=case_map, progress=progress)
         finally:
             bar.close()
@@ -96,8 +101,11 @@ def run(args: argparse.Namespace) -> int:
         for r in rep.records:
             out.write(json.dumps(r.__dict__) + "\n")
     c = rep.counts()
+    usable = c["ingested"] + c["skipped"]
     out.write(f"{args.cohort}: {c['ingested']} ingested, {c['skipped']} skipped, "
-              f"{c['failed']} failed\n")
+              f"{c['failed']} failed; labels for {rep.labelled} of {usable} cases\n")
+    for r in rep.warnings:
+        out.write(f"WARNING {r.case_id}: {r.warning}\n")
     for r in rep.failed:
         out.write(f"FAILED {r.case_id}: {r.error}\n")
     for r in rep.records:

@@ -67,6 +67,7 @@ class IngestRecord:
     seconds: float = 0.0
     shape: str = ""
     note: str = ""
+    warning: str = ""    # e.g. no label file found while labels were asked for
 
 
 @dataclass
@@ -87,6 +88,15 @@ class IngestReport:
         for r in self.records:
             out[r.status] += 1
         return out
+
+    @property
+    def labelled(self) -> int:
+        """Cases in the cohort after this run (ingested or skipped) that have a label file."""
+        return sum(1 for r in self.records if r.labels and r.status != "failed")
+
+    @property
+    def warnings(self) -> list[IngestRecord]:
+        return [r for r in self.records if r.warning]
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -116,17 +126,28 @@ def _is_label_name(name: str) -> bool:
     return _strip_suffix(name).lower().endswith(_LABEL_TAGS)
 
 
-def _find_labels(image: Path, case_id: str, folders: Sequence[Path]) -> Path | None:
+def label_candidates(image: Path, case_id: str, folders: Sequence[Path]) -> list[Path]:
+    """Where a case's label file may be, in the order tried (docs/medical_io.md): in each
+    folder the image's own file name; ``<case>`` with any supported suffix (nnU-Net:
+    ``imagesTr/pt000_0000.nii.gz`` pairs with ``labelsTr/pt000.nii.gz``), only in a folder that
+    is not the image's own, where such a file is another image; then ``<case>_seg``,
+    ``_label``, ``_labels``, ``_mask`` and ``_gt`` with any suffix."""
+    out: list[Path] = []
+    stems = list(dict.fromkeys([case_id, _strip_suffix(image.name)]))
     for folder in folders:
-        same = folder / image.name
-        if same != image and same.exists():
-            return same
-        for tag in _LABEL_TAGS:
-            for stem in {case_id, _strip_suffix(image.name)}:
-                for suf in IMAGE_SUFFIXES:
-                    cand = folder / f"{stem}{tag}{suf}"
-                    if cand.exists():
-                        return cand
+        if folder / image.name != image:
+            out.append(folder / image.name)
+        if folder.resolve() != image.parent.resolve():
+            out += [folder / f"{stem}{suf}" for stem in stems for suf in IMAGE_SUFFIXES]
+        out += [folder / f"{stem}{tag}{suf}" for tag in _LABEL_TAGS for stem in stems
+                for suf in IMAGE_SUFFIXES]
+    return out
+
+
+def _find_labels(image: Path, case_id: str, folders: Sequence[Path]) -> Path | None:
+    for cand in label_candidates(image, case_id, folders):
+        if cand.exists() and cand.resolve() != image.resolve():
+            return cand
     return None
 
 
@@ -303,7 +324,7 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
            labels: str | Path | None = None, modality: str | None = None,
            attrs: dict[str, Any] | None = None, force: bool = False,
            keep_uids: bool = False, case_map: dict[str, str] | None = None,
-           progress: ProgressCallback | None = None,
+           require_labels: bool = False, progress: ProgressCallback | None = None,
            cancel: CancelToken | None = None) -> IngestReport:
     """Ingest images into the cohort at ``cohort`` (created if absent); never raises for a bad case.
 
@@ -316,6 +337,8 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
         keep_uids: store a DICOM series' Study/Series/FrameOfReference/SOP instance UIDs (what
             a DICOM-SEG written back must reference) in the case attrs.
         case_map: SeriesInstanceUID -> case id for DICOM series (default: a hash of the UIDs).
+        require_labels: a case without a label file fails (by default, with ``labels`` given,
+            it is ingested with a warning in its record).
         progress: ``progress(done_cases, total_cases)``.
     Returns:
         The report, also written beside the cohort (``<cohort>.ingest_report.csv``; zarr
@@ -348,6 +371,8 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
                                                  f"{seen[item.case_id]}")
             else:
                 seen[item.case_id] = item.image
+                if item.labels is None and (labels is not None or require_labels):
+                    _missing_labels(rec, item, labels, require_labels)
                 if (not force and item.case_id in done_ids and
                         existing.case(item.case_id).attrs.get("source_signature") ==
                         _jsonable(_signature(item))):
@@ -366,9 +391,20 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
         report(progress, i + 1, len(items), cancel)
     _write_report(cohort, report_)
     c = report_.counts()
-    log.info("ingest into %s: %d ingested, %d skipped, %d failed", cohort, c["ingested"],
-             c["skipped"], c["failed"])
+    log.info("ingest into %s: %d ingested, %d skipped, %d failed; %d with labels", cohort,
+             c["ingested"], c["skipped"], c["failed"], report_.labelled)
     return report_
+
+
+def _missing_labels(rec: IngestRecord, item: IngestItem, labels: str | Path | None,
+                    required: bool) -> None:
+    """No label file for this case: an error with ``require_labels``, else a warning."""
+    where = f"in {labels}" if labels is not None else "in its row or beside it"
+    msg = (f"no label file for case {item.case_id!r} {where} (tried the same file name, "
+           f"{item.case_id}.<suffix> and {item.case_id}" + "|".join(_LABEL_TAGS) + ".<suffix>)")
+    if required:
+        raise ImageReadError(item.image, msg)
+    rec.warning = msg
 
 
 def _drop_incomplete(cohort: Path, case_id: str) -> None:
@@ -398,5 +434,5 @@ def _write_report(cohort: Path, rep: IngestReport) -> None:
     out = report_path(cohort)
     atomic_write_text(out, rep.to_csv())
     root = zarr.open_group(str(cohort), mode="r+")
-    root.attrs["last_ingest"] = {**rep.counts(), "report": out.name,
+    root.attrs["last_ingest"] = {**rep.counts(), "labelled": rep.labelled, "report": out.name,
                                  "failed": {r.case_id: r.error for r in rep.failed}}
