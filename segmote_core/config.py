@@ -36,6 +36,9 @@ ENCODER_PRESETS: dict[str, EncoderPreset] = {
         192, 4, 3, (1, 3), patch_size=8, window_size=8, image_size=256,
         prompt_dim=128, decoder_mlp_dim=512, decoder_heads=8, iou_head_hidden_dim=128,
     ),
+    # LiteMedSAM (segmote_core.modeling.lite_medsam): TinyViT at 256 px, 64 x 64 embedding;
+    # embed_dim is the width of the TinyViT stage that feeds the HQ fusion (stage index 1).
+    "lite_medsam": EncoderPreset(160, 4, 0, (1,), patch_size=4, image_size=256),
 }
 
 
@@ -44,7 +47,7 @@ class SegMoTEConfig:
     """Everything needed to rebuild a SegMoTE model (docs/model.md).
 
     Attributes:
-        model_type: ``"vit_b" | "vit_l" | "vit_h" | "tiny"``.
+        model_type: ``"vit_b" | "vit_l" | "vit_h" | "tiny" | "lite_medsam"``.
         image_size: encoder input side in pixels; ``None`` takes the preset's (1024, tiny 256).
             512 with an official checkpoint interpolates the position tables (docs/model.md).
         num_expert_tokens: T learnable expert tokens; 0 switches expert tokens and MoTE off.

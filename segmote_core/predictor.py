@@ -32,7 +32,7 @@ def use_bf16(model: SegMoTE, precision: str = "auto") -> bool:
         return precision == "bf16"
     if model.device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if model.config.model_type == "tiny":
+    if model.config.model_type in ("tiny", "lite_medsam"):  # small encoders gain nothing
         return False
     cap = torch.backends.cpu.get_cpu_capability()
     return "AVX512" in cap or "AMX" in cap

@@ -59,11 +59,10 @@ def model_input(model, images: np.ndarray | torch.Tensor, extents: np.ndarray) -
     :meth:`SegMoTE.preprocess` as well: training, evaluation and inference see the same input.
     """
     x = torch.as_tensor(images, dtype=torch.float32).to(model.device)
-    x = model.preprocess(x)
-    for b, (h, w) in enumerate(np.asarray(extents, dtype=np.int64)):
-        x[b, :, h:, :] = 0
-        x[b, :, :, w:] = 0
-    return x
+    # Each image is preprocessed over its own extent (LiteMedSAM's min-max must not see the
+    # padding), which pads with zeros after normalising as SAM does.
+    return torch.cat([model.preprocess(x[b:b + 1, :, :h, :w])
+                      for b, (h, w) in enumerate(np.asarray(extents, dtype=np.int64))])
 
 
 def prepare_labels(labels: np.ndarray, size: int) -> np.ndarray:
@@ -152,6 +151,7 @@ def _slice_indices(case: TrainingCase, selection: Selection | None, stride: int,
     if case.image.ndim == 2 or (case.image.ndim == 3 and case.image.shape[-1] == 3
                                 and case.labels.ndim == 2):
         return [0]
+    fg = None
     if selection is not None:
         chosen = selection.slices(case.case_id)
         if chosen is not None:
@@ -159,9 +159,10 @@ def _slice_indices(case: TrainingCase, selection: Selection | None, stride: int,
             if bad:
                 raise ValueError(f"{case.source}: selection lists slices {bad[:5]} outside "
                                  f"0..{case.image.shape[0] - 1} of case {case.case_id!r}")
-            return sorted(chosen)
-    fg = [z for z in range(case.labels.shape[0]) if np.any(np.asarray(case.labels[z]))]
-    fg = fg[::stride]
+            fg = sorted(chosen)
+    if fg is None:
+        fg = [z for z in range(case.labels.shape[0]) if np.any(np.asarray(case.labels[z]))]
+        fg = fg[::stride]
     if cap is not None and len(fg) > cap:
         keep = np.linspace(0, len(fg) - 1, cap).round().astype(int)
         fg = [fg[i] for i in keep]
@@ -191,7 +192,8 @@ def build_slice_dataset(
             and the patient-level split; ``None``: every case, slices with foreground.
         split: the selection's split to use (``"train"`` / ``"test"``); ``None``: all.
         datasets: keep only these dataset names (empty: all).
-        slice_stride, max_slices_per_case: thinning of volumes without a selection.
+        slice_stride: thinning of volumes without a selection.
+        max_slices_per_case: cap per volume (evenly spaced), with or without a selection.
         min_mask_pixels: drop masks smaller than this at the model input.
         keep_original: also keep each mask at the cohort's resolution (for evaluation).
     Raises:

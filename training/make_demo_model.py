@@ -1,18 +1,19 @@
-"""Reproduce the bundled demo model (``tiny``) from offline data, in one command:
+"""Reproduce a bundled demo model from offline data, in one command:
 
-    python -m training.make_demo_model [--workdir runs/demo] [--ablations]
+    python -m training.make_demo_model [--base lite_medsam|tiny] [--workdir runs/demo] [--ablations]
 
 1. ``segmote demo-data`` writes the demo cohort (MNI brain from nilearn + CT / X-ray /
    dermoscopy phantoms); ``segmote curate`` scores it and splits it 9:1 by patient.
-2. Phase 1 (``training/configs/demo_phase1.yaml``): no pretrained tiny SAM exists, so a tiny SAM
-   is trained end to end (encoder, prompt encoder, decoder; box/point prompts).
-3. Phase 2 (``demo_phase2.yaml``): encoder and prompt encoder frozen (embeddings cached), the
-   SegMoTE parts (expert tokens + MoTE, HQ fusion, PPT, text guide) and SAM's decoder train,
-   exactly as on real SAM weights.
-4. The model is written to ``segmote_core/data/demo/segmote_demo.safetensors`` (+ ``.json``),
-   evaluated on the held-out patients, and the tables/figures go to ``docs/demo_model/``.
-5. ``--ablations``: phase 2 again without MoTE (no expert tokens) and without PPT, from the same
-   phase-1 encoder, with ``--ablation-epochs`` epochs; a comparison table is written.
+2. ``--base lite_medsam`` (default; the paper's way): LiteMedSAM's pretrained encoder and prompt
+   encoder frozen from the start (outputs pre-computed once); expert tokens + MoTE, HQ fusion,
+   PPT, the text guide and SAM's decoder train in one run (``demo_lite_medsam.yaml``).
+   ``--base tiny``: no pretrained tiny SAM exists, so phase 1 (``demo_phase1.yaml``) trains a
+   tiny SAM end to end, phase 2 (``demo_phase2.yaml``) the SegMoTE parts on its frozen encoder.
+3. The model is written to ``segmote_core/data/demo/`` (``segmote_demo_lite_medsam`` resp.
+   ``segmote_demo``), evaluated on the held-out patients and on real DICOM slices (the
+   label-free real-image check), and the tables/figures go to ``docs/demo_model/[lite_medsam/]``.
+4. ``--ablations``: the SegMoTE phase again without MoTE (no expert tokens) and without PPT,
+   from the same encoder; a comparison table is written.
 
 Every step is skipped when its output already exists (delete the work folder to start over);
 an interrupted training resumes where it stopped.
@@ -44,6 +45,12 @@ log = logging.getLogger("training.make_demo_model")
 ROOT = Path(__file__).resolve().parent.parent
 ABLATIONS = {"no_mote": {"model.num_expert_tokens": 0},
              "no_ppt": {"model.num_ppt_queries": 0}}
+#: Per base: the runs in order (folder, config; each run starts from the previous one's model)
+#: and the run whose config the ablations repeat.
+RECIPES = {"lite_medsam": {"runs": [("lite_medsam", "demo_lite_medsam.yaml")],
+                           "docs": "lite_medsam", "title": "SegMoTE demo model (LiteMedSAM base)"},
+           "tiny": {"runs": [("phase1", "demo_phase1.yaml"), ("phase2", "demo_phase2.yaml")],
+                    "docs": "", "title": "SegMoTE demo model (tiny)"}}
 
 
 def _config_path(name: str) -> Path:
@@ -82,7 +89,10 @@ def _evaluate(model_path: Path, cohort: Path, selection: Path, out: Path, title:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="reproduce the bundled SegMoTE demo model")
+    ap = argparse.ArgumentParser(description="reproduce a bundled SegMoTE demo model")
+    ap.add_argument("--base", choices=sorted(RECIPES), default="lite_medsam",
+                    help="lite_medsam: SegMoTE on the pretrained LiteMedSAM (default); tiny: "
+                         "a tiny SAM trained from scratch first")
     ap.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     ap.add_argument("--cohort", type=Path, default=None,
                     help="use this demo cohort instead of running 'segmote demo-data'")
@@ -91,13 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--ablation-epochs", type=int, default=None,
-                    help="phase-2 epochs of the ablation runs (default: as the demo)")
+                    help="ablation epochs (default: as the demo)")
     ap.add_argument("--no-install", action="store_true",
                     help="do not copy the model into segmote_core/data/demo")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "demo_model")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    recipe = RECIPES[args.base]
+    docs = args.docs / recipe["docs"] if recipe["docs"] else args.docs
+    docs.mkdir(parents=True, exist_ok=True)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -108,47 +121,55 @@ def main(argv: list[str] | None = None) -> int:
     if not selection.is_file():
         _segmote_cli("curate", str(cohort), str(selection))
     data = {"data.cohort": str(cohort.resolve()), "data.selection": str(selection.resolve())}
-    trains_demo = not all((work / phase / "model.safetensors").is_file()
-                          for phase in ("phase1", "phase2"))
-    phase1 = _train("demo_phase1.yaml", work, "phase1", data)
-    phase2 = _train("demo_phase2.yaml", work, "phase2",
-                    {**data, "init_checkpoint": str(phase1.resolve())})
+    runs = recipe["runs"]
+    trains_demo = not all((work / out / "model.safetensors").is_file() for out, _ in runs)
+    previous: Path | None = None
+    trained = {}
+    for out, config_name in runs:
+        init = {"init_checkpoint": str(previous.resolve())} if previous is not None else {}
+        previous = trained[out] = _train(config_name, work, out, {**data, **init})
+    final_run, final_config = runs[-1]
+    final = trained[final_run]
     minutes = (time.perf_counter() - t_start) / 60
-    model = load_segmote(phase2)
-    info = json.loads(phase2.with_suffix(".json").read_text())
-    training = dict(info.get("training", {}), recipe="python -m training.make_demo_model",
-                    phase1=json.loads(phase1.with_suffix(".json").read_text()).get("training"))
+    model = load_segmote(final)
+    info = json.loads(final.with_suffix(".json").read_text())
+    training = dict(info.get("training", {}), recipe="python -m training.make_demo_model "
+                    f"--base {args.base}")
+    for out, _ in runs[:-1]:
+        training[out] = json.loads(trained[out].with_suffix(".json").read_text()).get("training")
     if not args.no_install:
-        target = demo_model_path()
+        target = demo_model_path(args.base)
         save_segmote(model, target, training=training)
         log.info("installed %s (%.1f MB)", target, target.stat().st_size / 2 ** 20)
-    result = _evaluate(phase2, cohort, selection, args.docs, "SegMoTE demo model (tiny)")
+    result = _evaluate(final, cohort, selection, docs, recipe["title"])
+    from .real_image_check import run_real_image_check  # needs pydicom (litemedsam extra)
+
+    run_real_image_check(model, docs, title=recipe["title"])
     rows = {"SegMoTE demo": result}
     if args.ablations:
+        init = ({"init_checkpoint": str(trained[runs[-2][0]].resolve())} if len(runs) > 1 else {})
         for name, change in ABLATIONS.items():
             extra = dict(change)
             if args.ablation_epochs:
                 extra["optim.epochs"] = args.ablation_epochs
                 extra["optim.lr_milestones"] = []
-            path = _train("demo_phase2.yaml", work, f"ablation_{name}",
-                          {**data, "init_checkpoint": str(phase1.resolve()), **extra})
+            path = _train(final_config, work, f"ablation_{name}", {**data, **init, **extra})
             rows[name] = _evaluate(path, cohort, selection, work / f"eval_{name}", name)
-            keep = args.docs / f"ablation_{name}"
+            keep = docs / f"ablation_{name}"
             keep.mkdir(parents=True, exist_ok=True)
             for table in ("tables.md", "table_categories.csv"):
                 shutil.copy(work / f"eval_{name}" / table, keep / table)
-        _write_ablation(rows, args.docs / "ablation.md", work)
+        _write_ablation(rows, docs / "ablation.md", work, final_run)
     if trains_demo:  # a rerun that only adds ablations keeps the record of the demo's run
-        (args.docs / "training_minutes.json").write_text(json.dumps({
-            "phase1": float((work / "phase1" / "minutes.txt").read_text()),
-            "phase2": float((work / "phase2" / "minutes.txt").read_text()),
-            "demo_total_this_run": round(minutes, 2)}, indent=2))
-    for src in (work / "phase1" / "metrics.csv", work / "phase2" / "metrics.csv"):
-        shutil.copy(src, args.docs / f"{src.parent.name}_metrics.csv")
+        record = {out: float((work / out / "minutes.txt").read_text()) for out, _ in runs}
+        record["demo_total_this_run"] = round(minutes, 2)
+        (docs / "training_minutes.json").write_text(json.dumps(record, indent=2))
+    for out, _ in runs:
+        shutil.copy(work / out / "metrics.csv", docs / f"{out}_metrics.csv")
     return 0
 
 
-def _write_ablation(results: dict, path: Path, work: Path) -> None:
+def _write_ablation(results: dict, path: Path, work: Path, final_run: str) -> None:
     """One table: mean Dice per dataset/category and mode for each variant."""
     lines = ["| variant | dataset | category | point | box | auto |", "|---|---|---|---|---|---|"]
     for name, res in results.items():
@@ -159,10 +180,10 @@ def _write_ablation(results: dict, path: Path, work: Path) -> None:
             lines.append(f"| {name} | {dataset} | {category} | " + " | ".join(cells) + " |")
     minutes = {}
     for name in results:
-        f = work / ("phase2" if name == "SegMoTE demo" else f"ablation_{name}") / "minutes.txt"
+        f = work / (final_run if name == "SegMoTE demo" else f"ablation_{name}") / "minutes.txt"
         if f.is_file():
             minutes[name] = f.read_text().strip()
-    lines += ["", "Phase-2 training minutes: " + ", ".join(f"{k} {v}" for k, v in minutes.items())]
+    lines += ["", "Training minutes (SegMoTE phase): " + ", ".join(f"{k} {v}" for k, v in minutes.items())]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

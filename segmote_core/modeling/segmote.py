@@ -16,6 +16,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from ..config import SegMoTEConfig
+from . import lite_medsam
 from .mask_decoder import SegMoTEMaskDecoder
 from .ppt import PromptTokenizer, build_text_encoder
 
@@ -102,6 +103,10 @@ class SegMoTE(nn.Module):
         return self.sam.image_encoder.img_size
 
     @property
+    def is_lite_medsam(self) -> bool:
+        return self.config.model_type == lite_medsam.MODEL_TYPE
+
+    @property
     def needs_interm(self) -> bool:
         return self.decoder_ext.hq_fusion
 
@@ -128,15 +133,25 @@ class SegMoTE(nn.Module):
         if not self.needs_interm:
             yield store
             return
-        block = self.sam.image_encoder.blocks[self.interm_block]
-        handle = block.register_forward_hook(lambda m, i, o: store.__setitem__("x", o))
+        if self.is_lite_medsam:  # a TinyViT stage gives (B, N, C) tokens
+            block = lite_medsam.interm_module(self.sam.image_encoder)
+            hook = lambda m, i, o: store.__setitem__("x", lite_medsam.interm_to_grid(o))  # noqa: E731
+        else:
+            block = self.sam.image_encoder.blocks[self.interm_block]
+            hook = lambda m, i, o: store.__setitem__("x", o)  # noqa: E731
+        handle = block.register_forward_hook(hook)
         try:
             yield store
         finally:
             handle.remove()
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) float pixels in [0, 255], H, W <= image_size -> normalised, padded."""
+        """(B, 3, H, W) float pixels in [0, 255], H, W <= image_size -> normalised, padded.
+
+        LiteMedSAM takes its own input (min-max to [0, 1] per image, zero padding).
+        """
+        if self.is_lite_medsam:
+            return lite_medsam.preprocess_lite(images, self.image_size)
         images = (images - self.sam.pixel_mean) / self.sam.pixel_std
         pad_h = self.image_size - images.shape[-2]
         pad_w = self.image_size - images.shape[-1]
