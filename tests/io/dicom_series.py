@@ -6,6 +6,7 @@ so the tests can check none of them reaches a cohort or a log.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,9 +163,22 @@ def ct_phantom(slices: int = 10, size: int = 48, seed: int = 3):
     return ct_volume(np.random.default_rng(seed), slices=slices, size=size)
 
 
-def mr_values(shape=(9, 36, 44), seed: int = 1) -> np.ndarray:
-    """MR-like float values that are exact multiples of the rescale slope 0.25."""
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
-    vol = 800 * np.exp(-(zz ** 2 + yy ** 2 + xx ** 2) * 2) + rng.integers(0, 40, shape)
+def mr_values() -> np.ndarray:
+    return _mr_values().copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _mr_values() -> np.ndarray:
+    """The demo MR phantom (the MNI T1 template the demo brain is made of, every 6th voxel,
+    9 axial slices) scaled to 0..1000 in exact multiples of the rescale slope 0.25; a smooth
+    synthetic volume when nilearn's template is not installed."""
+    try:
+        from training.phantoms_brain import load_mni_template
+
+        t1 = np.asarray(load_mni_template().t1, np.float64)       # (X, Y, Z)
+        vol = t1[::6, ::6, 50:140:10].transpose(2, 1, 0)
+    except (FileNotFoundError, ImportError):
+        zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, s) for s in (9, 36, 44)), indexing="ij")
+        vol = np.exp(-(zz ** 2 + yy ** 2 + xx ** 2) * 2)
+    vol = (vol - vol.min()) / max(float(np.ptp(vol)), 1e-6) * 1000
     return np.round(vol * 4) / 4
