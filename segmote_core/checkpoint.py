@@ -23,7 +23,7 @@ from .fileio import atomic_write
 from .modeling import SegMoTE  # type of what save_segmote writes
 
 __all__ = ["CheckpointError", "save_segmote", "read_checkpoint_info", "checkpoint_state",
-           "load_state_strict", "base_record", "check_base",
+           "load_state_strict", "upgrade_state_keys", "LEGACY_KEY_PREFIXES", "base_record", "check_base",
            "load_sam_state_dict", "package_versions", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,23 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
+#: Renamed modules: a checkpoint written before the rename names its tensors with the old prefix.
+LEGACY_KEY_PREFIXES = {"decoder_ext.": "expert_decoder."}
+
+
+def upgrade_state_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with keys of renamed modules (:data:`LEGACY_KEY_PREFIXES`) under their
+    current names, so older checkpoints keep loading."""
+    out = {}
+    for key, value in tensors.items():
+        for old, new in LEGACY_KEY_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
 def checkpoint_state(path: str | Path, info: Mapping[str, Any],
                      model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The complete state dict to load into a freshly built model: ``model_state`` (its current,
@@ -141,7 +158,7 @@ def checkpoint_state(path: str | Path, info: Mapping[str, Any],
     """
     path = Path(path)
     try:
-        tensors = load_file(str(path))
+        tensors = upgrade_state_keys(load_file(str(path)))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt tensors ({exc})") from exc
     if info["base"]["kind"] == "embedded":

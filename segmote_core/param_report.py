@@ -61,7 +61,7 @@ def report_lines(model_type: str = "vit_b", sizes: tuple[int, ...] = (1024, 512)
     for size in sizes:
         cfg = SegMoTEConfig(model_type=model_type, image_size=size)
         model = build_segmote(cfg)
-        c = count_additions(model.decoder_ext, model.ppt)
+        c = count_additions(model.expert_decoder, model.ppt)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         text = _n(model.text_encoder)
         if trainable != c.total + text:

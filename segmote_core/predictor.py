@@ -237,7 +237,7 @@ class SegMoTEPredictor:
 
     def routing_heatmaps(self) -> np.ndarray:
         """(E, Y, X) routing heat maps of the last prediction, at the original image size."""
-        if self._last is None or not self.model.decoder_ext.use_experts:
+        if self._last is None or not self.model.expert_decoder.use_experts:
             raise RuntimeError("no routing heat maps: predict() with a model that has experts first")
         if self._last.heatmaps is None:  # re-run the last prompt with attention kept
             self.predict_torch(*self._last_call, want_heatmaps=True, text_ids=self._last_text)

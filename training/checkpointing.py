@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from segmote_core.checkpoint import read_checkpoint_info, save_segmote
+from segmote_core.checkpoint import read_checkpoint_info, save_segmote, upgrade_state_keys
 from segmote_core.fileio import atomic_write
 from segmote_core.modeling import SegMoTE
 
@@ -73,7 +73,7 @@ def load_matching_weights(model: SegMoTE, path: str | Path, *, require_prefix: s
     """
     path = Path(path)
     read_checkpoint_info(path)  # validates the file and its metadata
-    tensors = load_file(str(path))
+    tensors = upgrade_state_keys(load_file(str(path)))
     state = model.state_dict()
     loaded = {k: v for k, v in tensors.items() if k in state and state[k].shape == v.shape}
     if not loaded:

@@ -79,7 +79,7 @@ class SegMoTE(nn.Module):
         self.sam = sam
         self.config = config
         dim = config.preset.prompt_dim
-        self.decoder_ext = SegMoTEMaskDecoder(
+        self.expert_decoder = SegMoTEMaskDecoder(
             dim=dim, depth=len(sam.mask_decoder.transformer.layers),
             vit_dim=config.preset.embed_dim, num_expert_tokens=config.num_expert_tokens,
             num_experts=config.num_experts, top_k=config.top_k, rank=config.expert_rank,
@@ -108,7 +108,7 @@ class SegMoTE(nn.Module):
 
     @property
     def needs_interm(self) -> bool:
-        return self.decoder_ext.hq_fusion
+        return self.expert_decoder.hq_fusion
 
     def apply_freezing(self) -> None:
         """Encoder and prompt encoder frozen; SAM's decoder frozen unless ``train_decoder``."""
@@ -180,7 +180,7 @@ class SegMoTE(nn.Module):
     def cache_hq(self, features: ImageFeatures) -> ImageFeatures:
         """Compute the per-image fusion features once, for repeated prompting at inference."""
         if self.needs_interm and features.hq is None:
-            features.hq = self.decoder_ext.hq_features(features.image_embeddings,
+            features.hq = self.expert_decoder.hq_features(features.image_embeddings,
                                                        features.interm_embeddings)
         return features
 
@@ -252,7 +252,7 @@ class SegMoTE(nn.Module):
         if emb.shape[0] not in (1, n):
             raise ValueError(f"{emb.shape[0]} images but {n} prompt sets")
 
-        raw = self.decoder_ext(self.sam.mask_decoder, emb, self.dense_pe(), sparse, dense,
+        raw = self.expert_decoder(self.sam.mask_decoder, emb, self.dense_pe(), sparse, dense,
                                features.interm_embeddings, want_attention=want_heatmaps,
                                hq_features=features.hq, fusion_bf16=fusion_bf16)
         return self._finish(raw, multimask_output, want_heatmaps, emb.shape[-2:])

@@ -30,7 +30,7 @@ def _outputs(model, seed=0):
 
 def test_round_trip_in_a_fresh_process(tmp_path, tiny_model_256):
     with torch.no_grad():  # make the additions non-trivial
-        for p in tiny_model_256.decoder_ext.parameters():
+        for p in tiny_model_256.expert_decoder.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     path = save_segmote(tiny_model_256, tmp_path / "m.safetensors", training={"steps": 3})
     info = json.loads((tmp_path / "m.json").read_text())
@@ -70,10 +70,10 @@ def test_wrong_and_truncated_files_give_clear_errors(tmp_path, tiny_model_256):
     info = read_checkpoint_info(p2)
     from safetensors.torch import load_file, save_file
     tensors = load_file(str(p2))
-    tensors["decoder_ext.bogus"] = torch.zeros(1)
+    tensors["expert_decoder.bogus"] = torch.zeros(1)
     del tensors["sam.mask_decoder.iou_token.weight"]
     save_file(tensors, str(tmp_path / "keys.safetensors"), metadata={"segmote": json.dumps(info)})
-    with pytest.raises(CheckpointError, match="decoder_ext.bogus") as err:
+    with pytest.raises(CheckpointError, match="expert_decoder.bogus") as err:
         load_segmote(tmp_path / "keys.safetensors")
     assert "sam.mask_decoder.iou_token.weight" in str(err.value)
 

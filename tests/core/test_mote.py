@@ -132,7 +132,7 @@ def test_update_replaces_expert_tokens_inside_the_block(tiny_model_256):
     """After a block, the expert tokens are exactly the router's output (no residual)."""
     model = tiny_model_256.eval()
     block = model.sam.mask_decoder.transformer.layers[1]
-    router = model.decoder_ext.routers[1]
+    router = model.expert_decoder.routers[1]
     n_tok, s = 9 + 4 + 2, model.config.embedding_size
     q = torch.randn(2, n_tok, 128)
     keys = torch.randn(2, s * s, 128)
@@ -168,7 +168,7 @@ def test_expert_mask_is_selected_token_dot_fused_features(tiny_model_256):
     torch.manual_seed(3)
     f = ImageFeatures(torch.randn(3, 128, 32, 32), torch.randn(3, 32, 32, 192))
     boxes = torch.tensor([[10.0, 10, 100, 100], [20, 30, 200, 220], [0, 0, 255, 255]])
-    d, pe, dec = m.decoder_ext, m.sam.prompt_encoder, m.sam.mask_decoder
+    d, pe, dec = m.expert_decoder, m.sam.prompt_encoder, m.sam.mask_decoder
     with torch.no_grad():
         out = m.decode(f, boxes=boxes)
         sparse, dense = pe(points=None, boxes=boxes, masks=None)

@@ -49,9 +49,9 @@ def test_step_changes_only_added_parameters(train_decoder):
         assert allowed, f"{k} changed but is frozen"
     assert not any(k.startswith(("sam.image_encoder.", "sam.prompt_encoder.")) for k in changed)
     assert any(k.startswith("sam.mask_decoder.") for k in changed) == train_decoder
-    assert any(k.startswith("decoder_ext.routers.") for k in changed)
-    assert any(k.startswith("decoder_ext.expert_hypernetworks.") for k in changed)
-    assert any(k.startswith("decoder_ext.compress_vit_feat.") for k in changed)
+    assert any(k.startswith("expert_decoder.routers.") for k in changed)
+    assert any(k.startswith("expert_decoder.expert_hypernetworks.") for k in changed)
+    assert any(k.startswith("expert_decoder.compress_vit_feat.") for k in changed)
 
 
 def test_gradients_reach_every_routed_expert():
@@ -61,13 +61,13 @@ def test_gradients_reach_every_routed_expert():
     for b, routing in enumerate(out.routings):
         routed = (routing.gates > 0).any(dim=(0, 1))
         for e, was_routed in enumerate(routed.tolist()):
-            g = grads[f"decoder_ext.routers.{b}.experts.{e}.weight"]
+            g = grads[f"expert_decoder.routers.{b}.experts.{e}.weight"]
             if was_routed:
                 assert g > 0, f"block {b} expert {e} was routed to but got no gradient"
             else:
                 assert g == 0, f"block {b} expert {e} got gradient without routing"
         # the router's gate learns too (straight-through routing gradient)
-        assert grads[f"decoder_ext.routers.{b}.w_gate"] > 0
+        assert grads[f"expert_decoder.routers.{b}.w_gate"] > 0
 
 
 def test_ppt_parameters_train_in_auto_mode():

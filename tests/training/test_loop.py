@@ -148,7 +148,7 @@ def test_cached_steps_never_call_the_encoder(dataset, tmp_path):
 def test_sam_phase_trains_encoder_end_to_end(dataset, tmp_path):
     cfg = _config(tmp_path, epochs=1, steps_per_epoch=3).replace(phase="sam", augment=True)
     trainer = Trainer(cfg, dataset=dataset)
-    assert trainer.model.decoder_ext.num_expert_tokens == 0
+    assert trainer.model.expert_decoder.num_expert_tokens == 0
     trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in
                  trainer.model.named_parameters() if p.requires_grad}
     assert trainable == {"sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder",

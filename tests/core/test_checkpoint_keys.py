@@ -1,0 +1,31 @@
+"""Checkpoints written before the decoder module was renamed (decoder_ext -> expert_decoder)
+keep loading, with every tensor in place."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from segmote_core import SegMoTEConfig, build_segmote, load_segmote, save_segmote
+from segmote_core.build import load_demo_model
+
+
+def test_old_key_names_load(tmp_path):
+    model = build_segmote(SegMoTEConfig(model_type="tiny", image_size=128))
+    with torch.no_grad():
+        for p in model.expert_decoder.parameters():
+            p.add_(torch.randn_like(p))
+    path = save_segmote(model, tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    old = {k.replace("expert_decoder.", "decoder_ext.", 1): v for k, v in load_file(str(path)).items()}
+    assert any(k.startswith("decoder_ext.") for k in old)
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    again = load_segmote(tmp_path / "old.safetensors")
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_bundled_demo_model_loads():
+    model = load_demo_model()
+    assert model.expert_decoder.num_expert_tokens == model.config.num_expert_tokens
