@@ -1,4 +1,4 @@
-"""Acceptance 2.2: MoTE against a reference written from SPEC 1.2's formulas."""
+"""MoTE against a reference written from the router equations of docs/model.md."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def cv2_ref(x):
 
 
 def reference(x, w_g, w_noise, k, training, eps, experts, mix1, mix2, proj):
-    """SPEC 1.2 steps 1-7, written out plainly (loops, no shared code with the router)."""
+    """Router steps 1-7 of docs/model.md, written out plainly (loops, no code shared with the
+    router)."""
     h = x @ w_g
     if training:
         h = h + eps * (F.softplus(x @ w_noise) + 1e-2)
@@ -161,7 +162,7 @@ def test_balance_loss_sums_both_blocks(tiny_model_256):
 
 
 def test_expert_mask_is_selected_token_dot_fused_features(tiny_model_256):
-    """SPEC 1.1: the selected token's own hypernetwork . (fusion(upscaled) + HQ features)."""
+    """docs/model.md: the selected token's own hypernetwork . (fusion(upscaled) + HQ features)."""
     from segmote_core.modeling.transformer import run_two_way_transformer
 
     m = tiny_model_256.eval()

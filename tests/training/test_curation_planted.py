@@ -1,4 +1,4 @@
-"""Curation (issue 4, acceptance 1): planted bad slices rank last, the split is patient-disjoint.
+"""Curation: planted bad slices rank last, the split is patient-disjoint.
 
 Cohorts are real zarr stores written with segmote_core.io.write_case; `segmote curate` runs
 through the real CLI entry point.

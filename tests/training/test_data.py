@@ -31,7 +31,7 @@ def test_yaml_config_roundtrip_paths_and_overrides(tmp_path):
     assert cfg.output_dir == str(tmp_path / "out")
     assert cfg.optim.batch_size == 3 and cfg.loss.bce == 0.5
     assert [lr_at_epoch(cfg, e) for e in range(3)] == pytest.approx([1e-3, 5e-4, 2.5e-4])
-    # defaults follow SPEC 1.4
+    # defaults follow docs/model.md (loss and schedule)
     d = TrainConfig()
     assert (d.optim.lr, d.optim.lr_milestones, d.optim.lr_gamma, d.loss.balance) == \
         (1e-4, (7, 12), 0.5, 0.01)

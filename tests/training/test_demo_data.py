@@ -1,4 +1,4 @@
-"""The offline demo cohort (issue 4): `segmote demo-data` writes a valid labelled cohort, the
+"""The offline demo cohort: `segmote demo-data` writes a valid labelled cohort, the
 brain labels are the nilearn ICBM152 grey/white-matter maps, the phantoms have the intensities
 they claim, and everything is a deterministic function of the seed.
 
