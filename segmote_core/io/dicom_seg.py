@@ -16,6 +16,7 @@ order (sorted along the slice normal), the order of :func:`segmote_core.io.open_
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -190,16 +191,49 @@ def write_dicom_seg(labels: Any, out_path: str | Path, source: Any, *,
     seg_pixels[frame_of] = lut[np.clip(arr, 0, len(lut) - 1)] * (arr < len(lut))
     descriptions = [_segment_description(i + 1, lid, names.get(lid, f"label {lid}"), manual)
                     for i, lid in enumerate(ids)]
-    seg = hd.seg.Segmentation(
+    try:
+        seg = _segmentation(hd, datasets, seg_pixels, frame_of, descriptions, series_number,
+                            series_description, omit_empty=bool(arr.any()))
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # highdicom quotes the offending value, which may be a patient attribute: redact it
+        why = re.sub(r"'[^']*'|\"[^\"]*\"", "'<redacted>'", str(exc))
+        raise ValueError(f"{out_path}: the source series cannot be referenced by a SEG "
+                         f"({type(exc).__name__}: {why})") from None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+    log.info("wrote DICOM-SEG %s: %d segment(s) over %d source slice(s)", out_path, len(ids),
+             len(frame_of))
+    return out_path
+
+
+def _segmentation(hd: Any, datasets: list[Any], seg_pixels: np.ndarray, frame_of: list[int],
+                  descriptions: list[Any], series_number: int, series_description: str,
+                  omit_empty: bool) -> Any:
+    import warnings
+
+    from pydicom import config
+
+    # pydicom's value checks warn (and log) with the invalid value itself, e.g. a malformed
+    # birth date: keep them out of the logs; an unusable value still raises, redacted above
+    mode = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return _build(hd, datasets, seg_pixels, frame_of, descriptions, series_number,
+                          series_description, omit_empty)
+    finally:
+        config.settings.reading_validation_mode = mode
+
+
+def _build(hd: Any, datasets: list[Any], seg_pixels: np.ndarray, frame_of: list[int],
+           descriptions: list[Any], series_number: int, series_description: str,
+           omit_empty: bool) -> Any:
+    return hd.seg.Segmentation(
         source_images=datasets, pixel_array=seg_pixels if len(datasets) > 1 or
         len(frame_of) > 1 else seg_pixels[0], segmentation_type="BINARY",
         segment_descriptions=descriptions, series_instance_uid=hd.UID(),
         series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="SegMoTE", manufacturer_model_name="SegMoTE", software_versions=_version(),
         device_serial_number="0", series_description=series_description,
-        omit_empty_frames=bool(arr.any()))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
-    log.info("wrote DICOM-SEG %s: %d segment(s) over %d source slice(s)", out_path, len(ids),
-             len(frame_of))
-    return out_path
+        omit_empty_frames=omit_empty)

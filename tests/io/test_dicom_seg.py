@@ -126,3 +126,18 @@ def test_bad_labels_are_named_errors(tmp_path, series):
     with pytest.raises(ValueError, match="overwrite a source"):
         write_dicom_seg(labels, s.files[0], source=s.folder, categories=cats)
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_invalid_source_attribute_is_not_quoted_in_the_error(tmp_path, series, caplog):
+    s, labels, cats = series
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in s.files:
+        ds = pydicom.dcmread(f)
+        ds.PatientBirthDate = "1961-03-02-SECRET"           # not a DA value
+        ds.save_as(bad / f.name)
+    caplog.clear()
+    with pytest.raises(ValueError, match="cannot be referenced by a SEG") as err:
+        write_dicom_seg(labels, tmp_path / "x.dcm", source=bad, categories=cats)
+    assert "1961" not in str(err.value) and "SECRET" not in caplog.text
+    assert not (tmp_path / "x.dcm").exists()
