@@ -22,7 +22,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "case per series (ids hashed from the UIDs; no patient attribute is copied). "
                     "Idempotent: complete cases from unchanged files "
                     "are skipped. Broken files are listed in the report; the rest are ingested. "
-                    "Exit status 1 when any case failed.")
+                    "Exit status 1 when any case failed, 2 when nothing could start (bad "
+                    "arguments, another process writing the cohort).")
     p.add_argument("source", help="folder of images, or a list file")
     p.add_argument("cohort", help="output cohort .zarr (created if absent)")
     p.add_argument("--labels", "--labels-dir", dest="labels",
@@ -39,6 +40,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="label category, e.g. --category 1=liver (repeatable)")
     p.add_argument("--auto-category", help="the union category PPT segments (binary datasets)")
     p.add_argument("--force", action="store_true", help="rewrite cases that are already complete")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a case the cohort holds from another source file (without it "
+                        "such a row fails, naming both files)")
+    p.add_argument("--max-slice-mb", type=float, default=None, metavar="MB",
+                   help="refuse images with a larger slice, read from the header before any "
+                        "allocation (default 1024, or SEGMOTE_MAX_SLICE_MB)")
+    p.add_argument("--max-volume-mb", type=float, default=None, metavar="MB",
+                   help="refuse larger volumes (default 32768, or SEGMOTE_MAX_VOLUME_MB)")
     p.add_argument("--keep-uids", action="store_true",
                    help="DICOM: store the Study/Series/FrameOfReference/SOP instance UIDs in the "
                         "case attrs (needed to write DICOM-SEG back; no other DICOM attribute "
@@ -65,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .io.ingest import ingest
+    from .io.image import ReadLimits
+    from .locking import StoreLockedError
 
     try:
         attrs: dict[str, Any] = {}
@@ -88,12 +99,13 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             rep = ingest(args.source, args.cohort, labels=args.labels, modality=args.modality,
-                         attrs=attrs, force=args.force,
+                         attrs=attrs, force=args.force, replace=args.replace,
+                         limits=ReadLimits(args.max_slice_mb, args.max_volume_mb),
                          keep_uids=args.keep_uids, require_labels=args.require_labels,
                          case_map=case_map, progress=progress)
         finally:
             bar.close()
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError, StoreLockedError) as exc:
         log.error("%s", exc)
         return 2
     out = sys.stdout

@@ -32,9 +32,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..fileio import atomic_write_text
+from ..locking import StoreLock
 from ..progress import CancelToken, Cancelled, ProgressCallback, report
-from .cohort import create_cohort, open_cohort, write_case
-from .image import ImageReadError
+from .cohort import create_cohort, open_cohort, valid_case_id, write_case
+from .image import ImageReadError, ReadLimits, read_limits
 from .dicom import find_dicom_files, is_dicom_file, read_series, scan_dicom
 from .readers import IMAGE_SUFFIXES, image_format, open_image
 
@@ -316,13 +317,28 @@ def _ingest_one(item: IngestItem, cohort: Path, modality: str | None, attrs: dic
         if keep_uids:
             extra["dicom_uids"] = img.meta["dicom_uids"]
     write_case(cohort, item.case_id, img.data, spacing=img.spacing, affine=img.affine,
-               modality=img.modality, labels=labels, attrs=extra, axes=img.axes, cancel=cancel)
+               modality=img.modality, labels=labels, attrs=extra, axes=img.axes, cancel=cancel,
+               source=item.image)
     return "x".join(str(s) for s in img.shape)
 
 
+def _one_writer(fn: Any) -> Any:
+    """Hold the cohort's lock (:mod:`segmote_core.locking`) for the whole ingest: a second
+    ingest, or any other writer, is refused with :class:`StoreLockedError` naming the holder."""
+    import functools
+
+    @functools.wraps(fn)
+    def locked(source: Any, cohort: str | Path, *, limits: ReadLimits | None = None,
+               **kwargs: Any) -> Any:
+        with StoreLock(cohort, "segmote ingest"), read_limits(limits):
+            return fn(source, cohort, **kwargs)
+    return locked
+
+
+@_one_writer
 def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
            labels: str | Path | None = None, modality: str | None = None,
-           attrs: dict[str, Any] | None = None, force: bool = False,
+           attrs: dict[str, Any] | None = None, force: bool = False, replace: bool = False,
            keep_uids: bool = False, case_map: dict[str, str] | None = None,
            require_labels: bool = False, progress: ProgressCallback | None = None,
            cancel: CancelToken | None = None) -> IngestReport:
@@ -333,7 +349,10 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
         labels: a folder of ground-truth label files paired by case id.
         modality: for every case (default: guessed per file, or the list file's column).
         attrs: extra case attributes (``dataset``, ``categories``, ...).
-        force: rewrite cases that are already complete.
+        force: rewrite cases that are already complete (from the same source).
+        replace: rewrite a complete case from another source file than the one it was ingested
+            from (without it, such a row fails naming both files).
+        limits: size budgets for every image read (:class:`~segmote_core.io.image.ReadLimits`).
         keep_uids: store a DICOM series' Study/Series/FrameOfReference/SOP instance UIDs (what
             a DICOM-SEG written back must reference) in the case attrs.
         case_map: SeriesInstanceUID -> case id for DICOM series (default: a hash of the UIDs).
@@ -345,6 +364,7 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
         would flag a foreign file inside the store) and summarised in the cohort's attrs.
     Raises:
         Cancelled: once ``cancel`` is set (the case in progress stays incomplete; rerun resumes).
+        StoreLockedError: another process writes the cohort (the message names it).
     """
     cohort = Path(cohort)
     out = cohort.resolve()
@@ -360,6 +380,7 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
         rec = IngestRecord(item.case_id, str(item.image), str(item.labels or ""), "ingested",
                            note="; ".join(item.series.notes) if item.series is not None else "")
         try:
+            valid_case_id(item.case_id)   # this row only: '..', 'report.parquet', ...
             if item.series is not None and item.series.status == "failed":
                 raise ImageReadError(item.image, item.series.reason)
             if item.series is not None and item.series.status == "ignored":
@@ -378,6 +399,8 @@ def ingest(source: str | Path | Sequence[str | Path], cohort: str | Path, *,
                         _jsonable(_signature(item))):
                     rec.status = "skipped"
                 else:
+                    if item.case_id in done_ids and not replace:
+                        _same_source_or_refuse(existing, item)
                     rec.shape = _ingest_one(item, cohort, modality, attrs or {}, cancel,
                                             keep_uids)
         except Cancelled:
@@ -407,9 +430,26 @@ def _missing_labels(rec: IngestRecord, item: IngestItem, labels: str | Path | No
     rec.warning = msg
 
 
+def _same_source_or_refuse(existing: Any, item: IngestItem) -> None:
+    """A complete case is only rewritten from the source it was ingested from (``--replace``
+    lifts this): two folders holding ``a.nii.gz`` must not silently overwrite each other."""
+    old = existing.case(item.case_id).attrs.get("source")
+    if old and Path(str(old)).resolve() == Path(item.image).resolve():
+        return
+    raise ValueError(f"{existing.path}/{item.case_id}: the cohort already holds case "
+                     f"{item.case_id!r} from {old or 'an unrecorded source'}; this row's image "
+                     f"is {item.image}: pass --replace to replace it, or give the row another "
+                     f"case id")
+
+
 def _drop_incomplete(cohort: Path, case_id: str) -> None:
     """Remove a case group that a failed write left incomplete (it holds no usable data)."""
     import zarr
+
+    try:
+        valid_case_id(case_id)
+    except ValueError:  # never a path into (or out of) the store
+        return
 
     root = zarr.open_group(str(cohort), mode="r+")
     if case_id in root and dict(root[case_id].attrs).get("complete") is False:
