@@ -50,9 +50,9 @@ def main() -> None:
     from segment_anything import SamPredictor
 
     from segmote_core import SegMoTEConfig, SegMoTEPredictor, build_segmote
-    from napari_segmote.layers import CURRENT, POINTS
     from segmote_core.sample_images import make_ct_phantom
     from napari_segmote._widget import SegMoTEWidget
+    from napari_segmote.layers import CURRENT, POINTS
 
     model = build_segmote(SegMoTEConfig(model_type=args.model_type))
     vol, ref, spacing = make_ct_phantom(shape=(8, args.size, args.size))

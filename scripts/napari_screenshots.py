@@ -58,8 +58,8 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from segmote_core import SegMoTEConfig, build_segmote, load_demo_model, load_segmote
-    from napari_segmote.layers import BOXES, HEATMAP, POINTS
     from segmote_core.sample_images import make_ct_phantom
+    from napari_segmote.layers import BOXES, HEATMAP, POINTS
 
     torch.set_num_threads(2)
     if args.random_model:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from segmote_core.build import demo_model_path
-
-from napari_segmote.layers import BOXES, CURRENT
-from napari_segmote._models import DEMO
 from segmote_core.sample_images import make_dermoscopy_phantom
+
+from napari_segmote._models import DEMO
+from napari_segmote.layers import BOXES, CURRENT
 
 from tests.napari.helpers import wait_idle
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_segmote.layers import COMMITTED
-from napari_segmote._reader import napari_get_reader
 from segmote_core.sample_images import make_ct_phantom
+
+from napari_segmote._reader import napari_get_reader
+from napari_segmote.layers import COMMITTED
 
 pytestmark = pytest.mark.gui
 

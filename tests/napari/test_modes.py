@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from segmote_core import SegMoTEPredictor
-
-from napari_segmote.layers import BOXES, COMMITTED, CURRENT, HEATMAP
 from segmote_core.sample_images import make_ct_phantom, make_dermoscopy_phantom
 from segmote_core.session import mask_to_logits
+
+from napari_segmote.layers import BOXES, COMMITTED, CURRENT, HEATMAP
 
 from tests.napari.helpers import go_to_slice, wait_idle
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from segmote_core import SegMoTEPredictor
+from segmote_core.sample_images import make_ct_phantom
 
 from napari_segmote.layers import BOXES, COMMITTED, CURRENT, POINTS
-from segmote_core.sample_images import make_ct_phantom
 
 from tests.napari.helpers import bright_centre, go_to_slice, open_annotator, wait_idle
 
