@@ -23,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-from segmote_core.geometry import masks_to_boxes
+from segmote_core.geometry import mask_to_box, masks_to_boxes
 
 from .dataset import SliceDataset
 from .train_config import PromptConfig
@@ -102,7 +102,7 @@ def sample_points(mask: np.ndarray, rng: np.random.Generator, n_pos: int, n_neg:
     labels = [np.ones(n_pos, np.int64)]
     if n_neg:
         h, w = extent if extent is not None else mask.shape
-        y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+        x0, y0, x1, y1 = (int(v) for v in mask_to_box(mask))  # inclusive max
         dy, dx = int((y1 - y0 + 1) * margin) + 1, int((x1 - x0 + 1) * margin) + 1
         region = np.zeros_like(mask)
         region[max(y0 - dy, 0):min(y1 + dy + 1, h), max(x0 - dx, 0):min(x1 + dx + 1, w)] = True
