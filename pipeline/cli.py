@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         f"(start-up {summary.startup_seconds:.1f} s for Ray + model, then "
         f"{summary.slices_per_second_after_startup:.2f} slices/s)",
         f"  report: {summary.report}",
-        f"  review queue (least confident first): {summary.review_queue}",
+        f"  review queue (lowest QC first): {summary.review_queue}",
     ]
     for row in summary.rows:
         if row["status"] == "failed":

@@ -1,4 +1,9 @@
-"""The run report (parquet, CSV fallback) and the review queue for human correction."""
+"""The run report (parquet, CSV fallback) and the review queue for human correction.
+
+The queue is ordered by the QC score of :mod:`segmote_core.qc` (lowest predicted quality first);
+the router confidence (the MoTE gate's probability of the chosen expert) stays in the report
+under its own name, for what it is: which expert was used, not how good the mask is.
+"""
 
 from __future__ import annotations
 
@@ -16,22 +21,34 @@ __all__ = ["REPORT_COLUMNS", "case_row", "write_report", "read_report", "write_r
 
 log = logging.getLogger(__name__)
 
-REPORT_COLUMNS = ["case", "status", "error", "slices", "seconds", "mean_confidence",
-                  "min_confidence", "expert_usage", "shape", "labels"]
+REPORT_COLUMNS = ["case", "status", "error", "slices", "seconds", "qc", "min_qc",
+                  "worst_slices", "empty_slices", "mean_router_confidence",
+                  "min_router_confidence", "expert_usage", "shape", "labels"]
+QUEUE_COLUMNS = ["rank", "case", "qc", "min_qc", "worst_slices", "empty_slices", "slices",
+                 "mean_router_confidence", "labels"]
 
 
 def case_row(case: str, status: str, *, error: str = "", slices: int = 0, seconds: float = 0.0,
              confidence: Sequence[float | None] = (), expert: Sequence[int] = (),
-             shape: Sequence[int] = (), labels: str = "") -> dict[str, Any]:
+             shape: Sequence[int] = (), labels: str = "",
+             qc: Sequence[float | None] = ()) -> dict[str, Any]:
     """One report row. ``status``: ``done`` (this run), ``skipped`` (complete from an earlier
-    run with the same signature) or ``failed``. ``expert_usage`` is JSON ``{expert: slices}``."""
+    run with the same signature) or ``failed``. ``expert_usage`` is JSON ``{expert: slices}``.
+    ``qc`` is the per-slice QC (``None``: nothing segmented); the row keeps the case's QC
+    (:func:`segmote_core.qc.case_qc`), its lowest slice, its worst slices and the empty ones."""
+    from segmote_core.qc import case_qc, worst_slices
+
+    rated = [float(v) for v in qc if v is not None and math.isfinite(v)]
     conf = np.asarray([c for c in confidence if c is not None and math.isfinite(c)], np.float64)
     used = [int(e) for e in expert if e is not None and int(e) >= 0]
     ids, counts = np.unique(np.asarray(used, np.int64), return_counts=True)
     return {"case": case, "status": status, "error": error, "slices": int(slices),
             "seconds": round(float(seconds), 3),
-            "mean_confidence": float(conf.mean()) if conf.size else float("nan"),
-            "min_confidence": float(conf.min()) if conf.size else float("nan"),
+            "qc": case_qc(rated), "min_qc": min(rated) if rated else float("nan"),
+            "worst_slices": " ".join(str(z) for z in worst_slices(list(qc))),
+            "empty_slices": sum(v is None or not math.isfinite(v) for v in qc),
+            "mean_router_confidence": float(conf.mean()) if conf.size else float("nan"),
+            "min_router_confidence": float(conf.min()) if conf.size else float("nan"),
             "expert_usage": json.dumps({str(i): int(n) for i, n in zip(ids, counts)}),
             "shape": "x".join(str(int(s)) for s in shape), "labels": labels}
 
@@ -57,31 +74,23 @@ def write_report(out: str | Path, rows: list[dict[str, Any]]) -> Path:
     return target
 
 
-def write_review_queue(out: str | Path, rows: list[dict[str, Any]],
-                       slice_confidence: dict[str, Sequence[float | None]],
-                       worst: int = 5) -> Path:
-    """Write ``OUT/review_queue.csv``: cases with labels, least confident first.
+def write_review_queue(out: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write ``OUT/review_queue.csv``: cases with labels, lowest predicted quality first.
 
-    Ordered by mean router confidence, then minimum slice confidence, then case id; cases
-    without any confidence (no experts, or no box on any slice) come last. Each row lists the
-    ``worst`` least confident slices to start the correction from.
+    Ordered by the case's QC, then its lowest slice QC, then case id. A case where nothing was
+    segmented on any slice (QC null) comes first: an empty pre-label is the likeliest miss.
+    Each row lists the case's worst slices (lowest QC first) to start the correction from and
+    the number of slices left empty.
     """
     import pandas as pd
 
     out = Path(out)
     keep = [r for r in rows if r["status"] in ("done", "skipped")]
-    entries = []
-    for r in keep:
-        conf = slice_confidence.get(r["case"], ())
-        scored = [(float(c), z) for z, c in enumerate(conf) if c is not None and math.isfinite(c)]
-        scored.sort()
-        entries.append({"case": r["case"], "mean_confidence": r["mean_confidence"],
-                        "min_confidence": r["min_confidence"], "slices": r["slices"],
-                        "least_confident_slices": " ".join(str(z) for _, z in scored[:worst]),
-                        "labels": r["labels"]})
-    df = pd.DataFrame(entries, columns=["case", "mean_confidence", "min_confidence", "slices",
-                                        "least_confident_slices", "labels"])
-    df = df.sort_values(["mean_confidence", "min_confidence", "case"], na_position="last")
+    df = pd.DataFrame([{c: r.get(c) for c in QUEUE_COLUMNS[1:]} for r in keep],
+                      columns=QUEUE_COLUMNS[1:])
+    df["_unrated"] = df["qc"].isna()
+    df = df.sort_values(["_unrated", "qc", "min_qc", "case"], ascending=[False, True, True, True],
+                        na_position="last").drop(columns="_unrated")
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     target = out / "review_queue.csv"
     atomic_write(target, lambda tmp: df.to_csv(tmp, index=False))
@@ -96,4 +105,5 @@ def read_report(out: str | Path):
     if (out / "report.parquet").exists():
         return pd.read_parquet(out / "report.parquet")
     return pd.read_csv(out / "report.csv", keep_default_na=False,
-                       na_values={"mean_confidence": [""], "min_confidence": [""]})
+                       na_values={c: [""] for c in ("qc", "min_qc", "mean_router_confidence",
+                                                    "min_router_confidence")})

@@ -19,6 +19,7 @@ import numpy as np
 
 from segmote_core import __version__
 from segmote_core.io import CohortError, open_cohort
+from segmote_core.qc import empty_signals, qc_attrs
 from segmote_core.locking import StoreLock
 
 from .cases import CaseError, CaseInput, batch_count, iter_tasks, open_case
@@ -123,6 +124,7 @@ class CaseInFlight:
         self.error: str | None = None
         self.conf = np.full(case.n_slices, np.nan, np.float32)
         self.expert = np.full(case.n_slices, -1, np.int16)
+        self.qc = empty_signals(case.n_slices)
         self.compute = 0.0
         self.t0 = t0
 
@@ -168,6 +170,8 @@ class _Driver:
                 self.store.write(res.case_id, res.start, res.labels)
                 state.conf[res.start:res.start + n] = res.confidence
                 state.expert[res.start:res.start + n] = res.expert
+                for name, values in (res.qc or {}).items():
+                    state.qc[name][res.start:res.start + n] = values
                 self.slice_bar.update(n)
                 self.summary.slices += n
             except Exception as exc:  # noqa: BLE001 - e.g. disk full: fail this case
@@ -188,15 +192,17 @@ class _Driver:
             self.summary.rows.append(case_row(case_id, "failed", error=state.error,
                                               shape=case.shape, seconds=wall))
         else:
+            arr = self.store.root[case_id]["labels"]
+            qc = qc_attrs(state.qc, (lambda z: arr[z]) if arr.ndim == 3 else None)
             self.store.finish(case_id, state.conf, state.expert, {
                 "slices": case.n_slices, "seconds": round(wall, 3),
                 "compute_seconds": round(state.compute, 3), "mode": self.opts.mode,
-                "modality": case.modality, "segmote_version": __version__})
+                "modality": case.modality, "segmote_version": __version__, **qc})
             conf = [None if not np.isfinite(c) else float(c) for c in state.conf]
             self.slice_conf[case_id] = conf
             self.summary.rows.append(case_row(
                 case_id, "done", slices=case.n_slices, seconds=wall, confidence=conf,
-                expert=state.expert.tolist(), shape=case.shape, labels=labels))
+                expert=state.expert.tolist(), shape=case.shape, labels=labels, qc=qc["qc"]))
         self.case_bar.update(1)
 
 
@@ -273,7 +279,7 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
                 summary.rows.append(case_row(
                     case.case_id, "skipped", slices=attrs.get("slices", 0),
                     seconds=attrs.get("seconds", 0.0), confidence=attrs.get("confidence", []),
-                    expert=attrs.get("expert", []), shape=case.shape,
+                    expert=attrs.get("expert", []), shape=case.shape, qc=attrs.get("qc", []),
                     labels=f"{store.path}/{case.case_id}/labels"))
             else:
                 todo.append(case)
@@ -302,5 +308,5 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
     summary.rows.sort(key=lambda r: r["case"])
     out = Path(opts.out)
     summary.report = str(write_report(out, summary.rows))
-    summary.review_queue = str(write_review_queue(out, summary.rows, slice_conf))
+    summary.review_queue = str(write_review_queue(out, summary.rows))
     return summary

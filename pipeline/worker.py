@@ -101,6 +101,7 @@ class SliceBatchResult:
     seconds: float = 0.0
     error: str | None = None
     worker: str = ""
+    qc: dict[str, np.ndarray] | None = None  # decoder-side QC signals (segmote_core.qc)
 
 
 def peak_rss_mb() -> float:
@@ -151,20 +152,20 @@ class SegmentWorker:
 
     def __call__(self, task: SliceTask) -> SliceBatchResult:
         """Segment one batch; any exception becomes ``SliceBatchResult.error`` naming the case."""
-        from segmote_core.inference import segment_batch
+        from segmote_core.qc import segment_with_qc
 
         t0 = time.perf_counter()
         try:
             slices = np.asarray(task.slices)
             if slices.ndim not in (3, 4) or (slices.ndim == 4 and slices.shape[-1] != 3):
                 raise ValueError(f"slices of shape {slices.shape} are not (B, Y, X) or (B, Y, X, 3)")
-            res = segment_batch(self.model, slices, task.modality, boxes=task.boxes,
-                                precision=self.spec.precision, chunk=self.chunk)
+            res, signals = segment_with_qc(self.model, slices, task.modality, boxes=task.boxes,
+                                           precision=self.spec.precision, chunk=self.chunk)
             dtype = np.uint8 if task.label_value <= 255 else np.uint16
             labels = res.masks.astype(dtype) * dtype(task.label_value)
             return SliceBatchResult(task.case_id, task.start, labels,
                                res.confidence.astype(np.float32), res.expert.astype(np.int16),
-                               time.perf_counter() - t0, None, self.name)
+                               time.perf_counter() - t0, None, self.name, signals.as_dict())
         except Exception as exc:  # noqa: BLE001 - reported per case, never raised
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
             if _is_oom(exc):

@@ -25,6 +25,7 @@ from segmote_core.build import load_segmote
 from segmote_core.cli import main as segmote_main
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort
+from segmote_core.qc import case_qc
 from tests.pipeline.support import (REPO, attrs_of, labels_of, make_cohort, subprocess_env,
                                    tiny_checkpoint)
 
@@ -98,13 +99,19 @@ def test_corrupt_case_is_reported_and_the_rest_complete(setup, reference):
     assert (report.loc[GOOD, "slices"] == SLICES).all()
     for case_id in GOOD:
         conf = attrs[case_id]["confidence"]
-        assert report.loc[case_id, "mean_confidence"] == pytest.approx(np.mean(conf), abs=1e-6)
-        assert report.loc[case_id, "min_confidence"] == pytest.approx(np.min(conf), abs=1e-6)
+        assert report.loc[case_id, "mean_router_confidence"] == pytest.approx(np.mean(conf),
+                                                                             abs=1e-6)
+        assert report.loc[case_id, "min_router_confidence"] == pytest.approx(np.min(conf),
+                                                                            abs=1e-6)
+        qc = attrs[case_id]["qc"]
+        assert len(qc) == SLICES and set(attrs[case_id]["qc_components"]) >= {"stability",
+                                                                             "reprompt"}
+        assert report.loc[case_id, "qc"] == pytest.approx(case_qc(qc), abs=1e-6)
     import pandas as pd
 
     queue = pd.read_csv(out / "review_queue.csv")
     assert sorted(queue.case) == GOOD
-    assert queue.mean_confidence.is_monotonic_increasing
+    assert queue.qc.is_monotonic_increasing
 
 
 def _kill_tree(proc: psutil.Process, children: list[psutil.Process]) -> None:
