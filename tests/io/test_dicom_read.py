@@ -286,7 +286,12 @@ def test_napari_reader_opens_a_dicom_folder_like_its_nifti(tmp_path, phantom):
     (tmp_path / "empty_dir").mkdir()
     reader = napari_get_reader(str(tmp_path / "ct"))
     assert reader is not None and napari_get_reader(str(tmp_path / "empty_dir")) is None
-    [(data, kwargs, kind)] = reader(str(tmp_path / "ct"))
+    assert reader(str(tmp_path / "ct"))[0][1]["scale"] is not None
+    # through the plugin's npe2 manifest, as napari's File > Open Folder does
+    npe2 = pytest.importorskip("npe2")
+    npe2.PluginManager.instance().discover()
+    [(data, kwargs, kind)] = npe2.read([str(tmp_path / "ct")], stack=False,
+                                       plugin_name="segmote")
     [(ndata, nkwargs, _)] = napari_get_reader(str(nifti))(str(nifti))
     assert kind == "image"
     np.testing.assert_array_equal(np.asarray(data), hu)
