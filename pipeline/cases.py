@@ -7,12 +7,14 @@ as the actors ask for work, so a volume is never loaded whole.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 
 from segmote_core.geometry import masks_to_boxes
+from segmote_core.io.cohort import missing_slices, valid_case_id
+from segmote_core.io.image import ImageReadError, check_size
 
 from .worker import SliceTask
 
@@ -33,6 +35,8 @@ class CaseInput:
         image: the zarr array, ``(Z, Y, X)``, ``(Y, X)`` or ``(Y, X, 3)``.
         shape: the labels' shape: ``(Z, Y, X)`` or ``(Y, X)``.
         box_source: label array the boxes come from (``--mode box``), else ``None``.
+        input_signature: what identifies this version of the input case (its write stamp, or
+            a data hash): the labels made from it record it, so a rewritten case is redone.
     """
 
     case_id: str
@@ -42,6 +46,7 @@ class CaseInput:
     shape: tuple[int, ...]
     box_source: Any = None
     where: str = ""
+    input_signature: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_slices(self) -> int:
@@ -55,6 +60,10 @@ def open_case(cohort: Any, case_id: str, mode: str = "auto", label_key: str = "l
         CaseError: naming the case and the problem (shape, dtype, missing labels).
     """
     where = f"{cohort.path}/{case_id}"
+    try:
+        valid_case_id(case_id)
+    except ValueError as exc:  # e.g. a group named report.parquet: would clash with the report
+        raise CaseError(f"{where}: {exc}") from None
     try:
         case = cohort.case(case_id)
     except Exception as exc:  # noqa: BLE001 - any reader error is this case's problem
@@ -74,6 +83,10 @@ def open_case(cohort: Any, case_id: str, mode: str = "auto", label_key: str = "l
         raise CaseError(f"{where}/image: colour image with {shape[-1]} channels; expected 3")
     if min(spatial[-2:]) < 2:
         raise CaseError(f"{where}/image: slices of {spatial[-2:]} pixels are too small")
+    try:
+        check_size(f"{where}/image", shape, image.dtype, axes)
+    except ImageReadError as exc:
+        raise CaseError(str(exc)) from None
     box_source = None
     if mode == "box":
         group = cohort.root[case_id]
@@ -84,7 +97,13 @@ def open_case(cohort: Any, case_id: str, mode: str = "auto", label_key: str = "l
         if tuple(box_source.shape) != tuple(spatial):
             raise CaseError(f"{where}/{label_key}: shape {tuple(box_source.shape)} differs from "
                             f"the image's spatial shape {tuple(spatial)}")
-    return CaseInput(case_id, image, axes, case.modality, tuple(spatial), box_source, where)
+    try:
+        signature = case.input_signature(("image", label_key) if mode == "box" else ("image",))
+    except Exception as exc:  # noqa: BLE001 - unreadable data: this case's problem
+        raise CaseError(f"{where}: cannot read the case to sign it: {type(exc).__name__}: "
+                        f"{exc}") from exc
+    return CaseInput(case_id, image, axes, case.modality, tuple(spatial), box_source, where,
+                     signature)
 
 
 def boxes_from_labels(labels: np.ndarray, label_id: int | None = None) -> np.ndarray:
@@ -107,8 +126,12 @@ def read_batch(case: CaseInput, start: int, stop: int, label_id: int | None = No
     """Slices ``start:stop`` as ``(B, Y, X)`` / ``(B, Y, X, 3)`` and their boxes (box mode).
 
     Raises:
-        CaseError: the data could not be read or decoded (corrupt chunk, I/O error).
+        CaseError: the data could not be read or decoded (corrupt chunk, I/O error), or a
+            chunk is missing from the store (it would read as zeros).
     """
+    _check_chunks(case, case.image, "image", start, stop)
+    if case.box_source is not None:
+        _check_chunks(case, case.box_source, "labels", start, stop)
     try:
         if case.axes == "ZYX":
             slices = np.asarray(case.image[start:stop])
@@ -123,6 +146,19 @@ def read_batch(case: CaseInput, start: int, stop: int, label_id: int | None = No
         raise CaseError(f"{case.where}: cannot read slices {start}-{stop - 1}: "
                         f"{type(exc).__name__}: {exc}") from exc
     return slices, boxes
+
+
+def _check_chunks(case: CaseInput, arr: Any, name: str, start: int, stop: int) -> None:
+    """Fail on slices whose chunk file is gone: zarr would hand back its fill value, zeros that
+    look like data. Checked where the writer stored every chunk (``all_chunks_stored``, as
+    :func:`segmote_core.io.write_case` does); other writers skip chunks equal to the fill value."""
+    if dict(arr.attrs).get("all_chunks_stored") is not True:
+        return
+    missing = missing_slices(arr, start, stop) if case.axes == "ZYX" else missing_slices(arr, 0, 1)
+    if missing:
+        raise CaseError(f"{case.where}/{name}: the chunk of slice(s) "
+                        f"{', '.join(str(z) for z in missing)} is missing from the store "
+                        f"(deleted or lost): it would read as zeros; rewrite the case")
 
 
 def iter_tasks(case: CaseInput, batch_size: int, label_value: int = 1,

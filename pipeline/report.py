@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ["case", "status", "error", "slices", "seconds", "qc", "min_qc",
                   "worst_slices", "empty_slices", "mean_router_confidence",
-                  "min_router_confidence", "expert_usage", "shape", "labels"]
+                  "min_router_confidence", "expert_usage", "shape", "labels", "note"]
 QUEUE_COLUMNS = ["rank", "case", "qc", "min_qc", "worst_slices", "empty_slices", "slices",
                  "mean_router_confidence", "labels"]
 
@@ -50,7 +50,8 @@ def case_row(case: str, status: str, *, error: str = "", slices: int = 0, second
             "mean_router_confidence": float(conf.mean()) if conf.size else float("nan"),
             "min_router_confidence": float(conf.min()) if conf.size else float("nan"),
             "expert_usage": json.dumps({str(i): int(n) for i, n in zip(ids, counts)}),
-            "shape": "x".join(str(int(s)) for s in shape), "labels": labels}
+            "shape": "x".join(str(int(s)) for s in shape), "labels": labels,
+            "note": ""}  # e.g. "input changed since the earlier labels: segmented again"
 
 
 def write_report(out: str | Path, rows: list[dict[str, Any]]) -> Path:

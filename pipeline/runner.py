@@ -32,6 +32,8 @@ __all__ = ["BatchOptions", "BatchSummary", "run_batch", "OutputStoreMismatchErro
 
 log = logging.getLogger(__name__)
 
+CHANGED_NOTE = "input changed since the earlier labels: segmented again"
+
 
 @dataclass(frozen=True)
 class BatchOptions:
@@ -91,6 +93,12 @@ class BatchSummary:
     driver_peak_rss_mb: float = 0.0
     report: str = ""
     review_queue: str = ""
+    report_error: str = ""
+
+    @property
+    def input_changed(self) -> list[str]:
+        """Cases segmented again because their input case was rewritten since."""
+        return [r["case"] for r in self.rows if r.get("note") == CHANGED_NOTE]
 
     @property
     def failed(self) -> list[str]:
@@ -98,7 +106,7 @@ class BatchSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.report_error
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows)
@@ -138,6 +146,7 @@ class _Driver:
         self.slice_conf = slice_conf
         self.case_bar, self.slice_bar = bars
         self.open: dict[str, CaseInFlight] = {}
+        self.changed: set[str] = set()   # cases whose input was rewritten since their labels
 
     def tasks(self) -> Iterator[SliceTask]:
         value = self.opts.resolved_label_value
@@ -186,23 +195,35 @@ class _Driver:
         case = state.case
         labels = f"{self.store.path}/{case_id}/labels"
         wall = time.perf_counter() - state.t0
+        if not state.error:
+            try:
+                arr = self.store.root[case_id]["labels"]
+                qc = qc_attrs(state.qc, (lambda z: arr[z]) if arr.ndim == 3 else None)
+                self.store.finish(case_id, state.conf, state.expert, {
+                    "slices": case.n_slices, "seconds": round(wall, 3),
+                    "compute_seconds": round(state.compute, 3), "mode": self.opts.mode,
+                    "modality": case.modality, "segmote_version": __version__,
+                    "input_signature": case.input_signature, **qc})
+            except Exception as exc:  # noqa: BLE001 - disk full, read-only: this case only
+                state.error = (f"{case.where}: cannot write labels to {labels}: "
+                               f"{type(exc).__name__}: {exc}")
         if state.error:
-            self.store.discard(case_id)
+            try:
+                self.store.discard(case_id)
+            except Exception as exc:  # noqa: BLE001 - the rerun redoes it (complete is unset)
+                log.error("%s: cannot remove the partial labels (%s); a rerun redoes them",
+                          labels, exc)
             log.error("case %s failed: %s", case_id, state.error)
             self.summary.rows.append(case_row(case_id, "failed", error=state.error,
                                               shape=case.shape, seconds=wall))
         else:
-            arr = self.store.root[case_id]["labels"]
-            qc = qc_attrs(state.qc, (lambda z: arr[z]) if arr.ndim == 3 else None)
-            self.store.finish(case_id, state.conf, state.expert, {
-                "slices": case.n_slices, "seconds": round(wall, 3),
-                "compute_seconds": round(state.compute, 3), "mode": self.opts.mode,
-                "modality": case.modality, "segmote_version": __version__, **qc})
             conf = [None if not np.isfinite(c) else float(c) for c in state.conf]
             self.slice_conf[case_id] = conf
             self.summary.rows.append(case_row(
                 case_id, "done", slices=case.n_slices, seconds=wall, confidence=conf,
                 expert=state.expert.tolist(), shape=case.shape, labels=labels, qc=qc["qc"]))
+            if case_id in self.changed:
+                self.summary.rows[-1]["note"] = CHANGED_NOTE
         self.case_bar.update(1)
 
 
@@ -245,6 +266,7 @@ def run_batch(opts: BatchOptions) -> BatchSummary:
     inputs = opts.model.files()
     OutputStore.precheck(opts.out, opts.cohort, inputs)
     with StoreLock(opts.out, "segmote batch") as lock:
+        OutputStore.probe(opts.out)  # before Ray and the model start: a read-only OUT exits 2
         return _run_locked(opts, cohort, ids, inputs, lock, t_start)
 
 
@@ -271,9 +293,13 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
                  pool_cfg.num_actors, pool_cfg.cpus_per_actor, pool_cfg.gpus_per_actor,
                  summary.startup_seconds, opts.model.describe())
         store = OutputStore(opts.out, opts.cohort, signature, opts.overwrite, inputs, lock=lock)
-        todo = []
+        todo, changed = [], set()
         for case in cases:
-            if store.is_complete(case.case_id):
+            if store.input_changed(case.case_id, case.input_signature):
+                changed.add(case.case_id)
+                log.warning("case %s: the input case changed since its labels were made: "
+                            "segmenting it again", case.case_id)
+            if store.is_complete(case.case_id, case.input_signature):
                 attrs = store.case_attrs(case.case_id)
                 slice_conf[case.case_id] = attrs.get("confidence", [])
                 summary.rows.append(case_row(
@@ -294,19 +320,35 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
                 tqdm(total=sum(c.n_slices for c in todo), desc="slices", unit="slice",
                      position=1, disable=disable) as slice_bar:
             driver = _Driver(opts, store, todo, summary, slice_conf, (case_bar, slice_bar))
+            driver.changed = changed
             t_run = time.perf_counter()
             for result in pool.run(driver.tasks()):
                 driver.accept(result)
             summary.run_seconds = time.perf_counter() - t_run
         for case_id, state in list(driver.open.items()):  # cannot happen unless Ray lost work
-            store.discard(case_id)
+            try:
+                store.discard(case_id)
+            except OSError as exc:
+                log.error("%s/%s: cannot remove partial labels: %s", store.path, case_id, exc)
             summary.rows.append(case_row(case_id, "failed", error=state.error or
                                          "incomplete: not all slices came back"))
         summary.workers = pool.info()
     summary.seconds = time.perf_counter() - t_start
     summary.driver_peak_rss_mb = peak_rss_mb()
     summary.rows.sort(key=lambda r: r["case"])
-    out = Path(opts.out)
-    summary.report = str(write_report(out, summary.rows))
-    summary.review_queue = str(write_review_queue(out, summary.rows))
+    write_outputs(Path(opts.out), summary)
     return summary
+
+
+def write_outputs(out: Path, summary: BatchSummary) -> None:
+    """Write the report and the review queue. If even that fails (disk full, read-only) the
+    run is not lost: complete cases stay complete, the log says what happened and what to do,
+    and ``summary.report`` stays empty (the CLI then exits 1)."""
+    try:
+        summary.report = str(write_report(out, summary.rows))
+        summary.review_queue = str(write_review_queue(out, summary.rows))
+    except OSError as exc:
+        summary.report_error = (f"cannot write the report to {out}: {type(exc).__name__}: "
+                                f"{exc}; complete cases are kept: free space (or fix the "
+                                f"permissions) and rerun the same command to write it")
+        log.error("%s", summary.report_error)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,12 +31,16 @@ import numpy as np
 from segmote_core.errors import OutputStoreMismatchError
 from segmote_core.locking import StoreLock, lock_path
 
-__all__ = ["OutputStore", "OutputStoreMismatchError", "ForeignNodeError", "signature_hash",
-           "STORE_KIND"]
+__all__ = ["OutputStore", "OutputStoreMismatchError", "ForeignNodeError",
+           "OutputNotWritableError", "signature_hash", "STORE_KIND"]
 
 log = logging.getLogger(__name__)
 
 STORE_KIND = {"kind": "labels", "version": 1}
+
+
+class OutputNotWritableError(ValueError):
+    """The output cannot be written (read-only, full, no permission): found before starting."""
 
 
 class ForeignNodeError(RuntimeError):
@@ -146,6 +151,31 @@ class OutputStore:
                 raise ValueError(f"{path} exists and is not a SegMoTE labels store; choose "
                                  f"another output path")
 
+    @staticmethod
+    def probe(path: str | Path) -> None:
+        """Write, sync and remove a small file where the store's files will go (the store, or
+        its folder when it does not exist yet), so that a read-only or full disk is found
+        before any work starts.
+
+        Raises:
+            OutputNotWritableError: naming the folder and the OS error.
+        """
+        path = Path(path).resolve()
+        folder = path if path.exists() else path.parent
+        probe = folder / f".segmote-write-probe-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, b"\0" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputNotWritableError(
+                f"cannot write to {folder} ({exc.strerror or exc}): the output {path} needs a "
+                f"writable folder with free space; fix that or choose another output") from exc
+
     def _foreign_cases(self) -> list[str]:
         """Complete cases this store wrote under another signature."""
         out = []
@@ -201,15 +231,31 @@ class OutputStore:
         for name in mine:
             del self.root[name]
 
-    def is_complete(self, case_id: str) -> bool:
-        """True only for a case whose ``complete`` flag is set under this run's signature."""
+    def _done_attrs(self, case_id: str) -> dict[str, Any] | None:
+        """The attrs of a case complete under this run's signature, else ``None``."""
         try:
-            if case_id not in self.root:
-                return False
+            if not self.owns(case_id):
+                return None
             attrs = dict(self.root[case_id]["labels"].attrs)
         except Exception:  # noqa: BLE001 - unreadable metadata: not complete
+            return None
+        if attrs.get("complete") is True and attrs.get("signature_sha256") == self.sha:
+            return attrs
+        return None
+
+    def is_complete(self, case_id: str, input_signature: dict[str, Any] | None = None) -> bool:
+        """True only for a case whose ``complete`` flag is set under this run's signature and,
+        when ``input_signature`` is given, made from that version of the input case."""
+        attrs = self._done_attrs(case_id)
+        if attrs is None:
             return False
-        return attrs.get("complete") is True and attrs.get("signature_sha256") == self.sha
+        return input_signature is None or attrs.get("input_signature") == input_signature
+
+    def input_changed(self, case_id: str, input_signature: dict[str, Any]) -> bool:
+        """True when the case is complete under this signature but was made from another
+        version of the input case (rewritten since): its labels are stale."""
+        attrs = self._done_attrs(case_id)
+        return attrs is not None and attrs.get("input_signature") != input_signature
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         return dict(self.root[case_id]["labels"].attrs)

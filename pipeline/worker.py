@@ -34,12 +34,15 @@ class ModelSpec:
         sam_checkpoint: official SAM ``.pth`` the SegMoTE weights sit on (or bare SAM).
         model_type: SAM size when only ``sam_checkpoint`` is given.
         precision: ``"auto"`` (bf16 autocast on CUDA), ``"bf16"`` or ``"fp32"``.
+        allow_other_base: load the SegMoTE weights on a SAM checkpoint whose sha256 differs
+            from the one they record (``--allow-other-base``).
     """
 
     segmote_checkpoint: str | None = None
     sam_checkpoint: str | None = None
     model_type: str = "vit_b"
     precision: str = "auto"
+    allow_other_base: bool = False
 
     def describe(self) -> str:
         if self.segmote_checkpoint:
@@ -133,7 +136,8 @@ class SegmentWorker:
         self.spec = spec
         self.chunk = max(1, int(chunk))
         self.model = load_model(spec.segmote_checkpoint, spec.sam_checkpoint,
-                                model_type=spec.model_type, device=self.device)
+                                model_type=spec.model_type, device=self.device,
+                                allow_other_base=spec.allow_other_base)
         self.model.eval()
         self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
 
@@ -159,13 +163,30 @@ class SegmentWorker:
             slices = np.asarray(task.slices)
             if slices.ndim not in (3, 4) or (slices.ndim == 4 and slices.shape[-1] != 3):
                 raise ValueError(f"slices of shape {slices.shape} are not (B, Y, X) or (B, Y, X, 3)")
-            res, signals = segment_with_qc(self.model, slices, task.modality, boxes=task.boxes,
-                                           precision=self.spec.precision, chunk=self.chunk)
+            # A slice without any finite value (all NaN) holds no image: it is left empty
+            # (no mask, no confidence) rather than segmented, as docs/medical_io.md says.
+            flat = slices.reshape(len(slices), -1)
+            keep = np.flatnonzero(np.isfinite(flat).any(axis=1)) if flat.dtype.kind == "f" \
+                else np.arange(len(slices))
+            masks = np.zeros((len(slices), *slices.shape[1:3]), bool)
+            conf = np.full(len(slices), np.nan, np.float32)
+            expert = np.full(len(slices), -1, np.int16)
+            qc: dict[str, np.ndarray] = {}
+            if len(keep):
+                res, signals = segment_with_qc(
+                    self.model, slices[keep], task.modality,
+                    boxes=None if task.boxes is None else np.asarray(task.boxes)[keep],
+                    precision=self.spec.precision, chunk=self.chunk)
+                masks[keep], conf[keep], expert[keep] = res.masks, res.confidence, res.expert
+                for name, values in signals.as_dict().items():
+                    values = np.asarray(values)
+                    qc[name] = np.full(len(slices), 0 if name == "area" else np.nan,
+                                       np.result_type(values.dtype, np.float32))
+                    qc[name][keep] = values
             dtype = np.uint8 if task.label_value <= 255 else np.uint16
-            labels = res.masks.astype(dtype) * dtype(task.label_value)
-            return SliceBatchResult(task.case_id, task.start, labels,
-                               res.confidence.astype(np.float32), res.expert.astype(np.int16),
-                               time.perf_counter() - t0, None, self.name, signals.as_dict())
+            labels = masks.astype(dtype) * dtype(task.label_value)
+            return SliceBatchResult(task.case_id, task.start, labels, conf, expert,
+                                    time.perf_counter() - t0, None, self.name, qc)
         except Exception as exc:  # noqa: BLE001 - reported per case, never raised
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
             if _is_oom(exc):

@@ -121,6 +121,15 @@ def _decoded(model: SegMoTE, out: Any, sel: np.ndarray, m: int, original: tuple[
     token = np.full(m, -1, np.int16)
     score = np.full(m, np.nan, np.float32)
     if out is not None:
+        finite = torch.isfinite(out.low_res_masks[:, :1]).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            # NaN/inf weights or an overflow: such logits threshold to an empty mask that
+            # would pass for "nothing here"; refuse them instead.
+            bad = [int(sel[i]) for i in torch.nonzero(~finite).flatten().tolist()]
+            raise FloatingPointError(
+                f"the model produced non-finite mask logits (NaN/inf) on {len(bad)} of {m} "
+                f"slice(s) (batch positions {bad[:8]}): its weights or this input overflow; "
+                f"check the checkpoint")
         up = model.sam.postprocess_masks(out.low_res_masks[:, :1], input_size, original)
         masks[sel] = (up[:, 0] > 0).cpu().numpy()
         score[sel] = out.iou_predictions[:, 0].float().cpu().numpy()

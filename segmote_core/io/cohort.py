@@ -279,6 +279,29 @@ class Case:
         return str(self.image.attrs.get("axes") or ("ZYX" if len(self.spacing) == 3 else
                                                     "YXC" if self.image.ndim == 3 else "YX"))
 
+    def input_signature(self, arrays: tuple[str, ...] = ("image",)) -> dict[str, Any]:
+        """What identifies this version of the case, for outputs made from it to record.
+
+        The case's ``write_stamp`` (new at every :func:`write_case`) when it has one, else (a
+        cohort written by another tool) a sha256 of the data of ``arrays``, read slice by slice.
+        """
+        stamp = self.attrs.get("write_stamp")
+        if isinstance(stamp, str) and stamp:
+            return {"write_stamp": stamp}
+        from ..cache import data_signature
+
+        group = {"image": self.image, "labels": self.labels}
+        out: dict[str, Any] = {}
+        for name in arrays:
+            arr = group.get(name)
+            if arr is None:
+                import zarr
+
+                arr = zarr.open_group(str(Path(self.source).parent), mode="r")[
+                    f"{self.case_id}/{name}"]
+            out[f"{name}_sha256"] = data_signature(arr)
+        return out
+
     def as_image(self) -> MedicalImage:
         """The case as a :class:`MedicalImage` (a lazy dask volume, or numpy for 2D)."""
         import dask.array as da

@@ -120,3 +120,138 @@ def test_stale_lock_of_a_killed_run_is_explained_and_taken(tmp_path, cohort, cap
     with OutputStore(out, cohort, SIG) as store:
         assert store.lock.held
     assert f"stale lock of segmote batch (pid {dead.pid}" in caplog.text
+
+
+# ------------------------------------------------------------ a real run: inputs as they are
+def _immutable(path: Path, on: bool) -> bool:
+    """``chattr +i``: the one way to make a folder unwritable even for root (tests run as root
+    in CI containers, where chmod does not stop writes)."""
+    r = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """One cohort with every kind of trouble, segmented twice on a local Ray (tiny model)."""
+    from segmote_core.io import write_case
+    from tests.pipeline.support import tiny_checkpoint
+
+    work = tmp_path_factory.mktemp("hostile")
+    ckpt = tiny_checkpoint(work / "tiny.safetensors")
+    cohort = work / "cohort.zarr"
+    make_cohort(cohort, n_cases=3, slices=3, size=16, corrupt=None)
+    (cohort / "case_002" / "image" / "c" / "1" / "0" / "0").unlink()      # a lost chunk
+    nan = np.full((3, 16, 16), 5.0, np.float32)
+    nan[:, 4:10, 4:10] = 80.0
+    nan[1] = np.nan                                                       # one slice of NaN
+    write_case(cohort, "case_nan", nan, modality="CT")
+    other = zarr.open_group(str(cohort), mode="r+").create_group("report.parquet")
+    other.create_array("image", data=np.zeros((3, 16, 16), np.int16))   # another tool's case
+    out = work / "out.zarr"
+    args = [str(cohort), str(out), "--segmote-checkpoint", str(ckpt), "--num-cpus", "2"]
+    first = _batch(*args)
+    first_rows = _report(out)
+    stamp = dict(zarr.open_group(str(out), mode="r")["case_000"]["labels"].attrs)
+    vol = np.full((3, 16, 16), -80, np.int16)
+    vol[:, 2:14, 2:14] = 60
+    write_case(cohort, "case_000", vol, spacing=(2.0, 1.0, 1.0), modality="CT")  # rewritten
+    sig = dict(zarr.open_group(str(out), mode="r").attrs)["signature"]
+    with OutputStore(out, cohort, sig) as store:       # a partial case that cannot be removed
+        store.begin("case_002", (3, 16, 16))
+    locked = _immutable(out / "case_002", True)
+    try:
+        second = _batch(*args)
+    finally:
+        if locked:
+            _immutable(out / "case_002", False)
+    return {"cohort": cohort, "out": out, "first": first, "second": second, "stamp": stamp,
+            "first_rows": first_rows,
+            "locked": locked, "args": args}
+
+
+def _report(out: Path) -> dict[str, dict]:
+    from pipeline.report import read_report
+
+    return {r["case"]: r for r in read_report(out).to_dict("records")}
+
+
+def test_bad_cases_fail_alone_and_the_report_is_written(hostile_run):
+    """A reserved case id crashed the run at its end with no report; a deleted chunk was read as
+    zeros and reported done. Now each fails its own row, the others complete, exit 1."""
+    r, out = hostile_run["first"], hostile_run["out"]
+    assert r.returncode == 1, r.stderr
+    rows = hostile_run["first_rows"]
+    assert rows["case_000"]["status"] == rows["case_001"]["status"] == "done"
+    assert rows["report.parquet"]["status"] == "failed"
+    assert "reserved" in rows["report.parquet"]["error"]
+    assert rows["case_002"]["status"] == "failed"
+    assert "case_002/image: the chunk of slice(s) 1 is missing" in rows["case_002"]["error"]
+    assert (out / "report.parquet").is_file() and (out / "review_queue.csv").is_file()
+
+
+def test_an_all_nan_slice_is_left_empty_and_the_others_segmented(hostile_run):
+    out = hostile_run["out"]
+    assert hostile_run["first_rows"]["case_nan"]["status"] == "done"
+    arr = zarr.open_group(str(out), mode="r")["case_nan"]["labels"]
+    assert not np.asarray(arr[1]).any()
+    assert arr.attrs["confidence"][1] is None and arr.attrs["expert"][1] == -1
+    assert arr.attrs["confidence"][0] is not None
+
+
+def test_a_rewritten_input_case_is_segmented_again_and_reported(hostile_run):
+    """A cohort case rewritten after its labels were made kept its old labels on rerun (the
+    signature covered the model only). Now its input signature differs: redone, reported."""
+    r, out = hostile_run["second"], hostile_run["out"]
+    rows = _report(out)
+    assert rows["case_000"]["status"] == "done" and "input changed" in rows["case_000"]["note"]
+    assert rows["case_001"]["status"] == "skipped" and not rows["case_001"]["note"]
+    assert "CHANGED case_000" in r.stdout
+    new = dict(zarr.open_group(str(out), mode="r")["case_000"]["labels"].attrs)
+    assert new["input_signature"] != hostile_run["stamp"]["input_signature"]
+    assert new["input_signature"]["write_stamp"] == zarr.open_group(
+        str(hostile_run["cohort"]), mode="r")["case_000"].attrs["write_stamp"]
+
+
+def test_an_os_error_fails_its_case_with_the_error_named(hostile_run):
+    if not hostile_run["locked"]:
+        pytest.skip("chattr +i is not available here")
+    r, out = hostile_run["second"], hostile_run["out"]
+    assert r.returncode == 1
+    rows = _report(out)
+    assert rows["case_002"]["status"] == "failed"
+    assert "Operation not permitted" in rows["case_002"]["error"]
+    assert rows["case_nan"]["status"] == "skipped"
+
+
+def test_unwritable_output_exits_2_before_ray_starts(hostile_run, tmp_path):
+    out = tmp_path / "out.zarr"
+    with OutputStore(out, tmp_path / "c.zarr", SIG):  # an existing (empty) labels store
+        pass
+    if not _immutable(out, True):
+        pytest.skip("chattr +i is not available here")
+    try:
+        r = _batch(*[a if a != str(hostile_run["out"]) else str(out)
+                     for a in hostile_run["args"]], timeout=120)
+    finally:
+        _immutable(out, False)
+    assert r.returncode == 2, r.stderr
+    assert f"cannot write to {out}" in r.stderr and "Operation not permitted" in r.stderr
+    assert "actor" not in r.stderr.lower() and "ray" not in r.stderr.lower()
+
+
+def test_a_report_that_cannot_be_written_is_said_plainly(tmp_path):
+    from pipeline.runner import BatchSummary, write_outputs
+    from pipeline.report import case_row
+
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    if not _immutable(out, True):
+        pytest.skip("chattr +i is not available here")
+    try:
+        summary = BatchSummary(rows=[case_row("a", "done", slices=1)])
+        write_outputs(out, summary)
+    finally:
+        _immutable(out, False)
+    assert not summary.ok and summary.report == ""
+    assert "Operation not permitted" in summary.report_error
+    assert "rerun the same command" in summary.report_error
