@@ -360,7 +360,7 @@ def open_dicom(path: str | Path, series_uid: str | None = None,
         if series[0].status != "image":
             raise ImageReadError(path, series[0].reason)
         series_uid = series_uid or series[0].series_uid
-        files = find_dicom_files(path.parent)
+        files = [p for p in sorted(path.parent.iterdir()) if is_dicom_file(p)]  # siblings only
     else:
         files = find_dicom_files(path)
     if not files:
