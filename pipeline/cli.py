@@ -24,12 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output labels .zarr (created, or resumed)")
     m = p.add_argument_group("model (default: the bundled demo model)")
     m.add_argument("--segmote-checkpoint", help="SegMoTE .safetensors (its .json beside it)")
-    m.add_argument("--sam-checkpoint", help="official SAM .pth the SegMoTE weights sit on "
-                                            "(default: the file recorded at training time, "
-                                            "when it is still there)")
-    m.add_argument("--allow-other-base", action="store_true",
-                   help="load the SegMoTE weights on a SAM checkpoint whose sha256 differs from "
-                        "the one they were trained on")
+    m.add_argument("--sam-checkpoint", help="official SAM .pth the SegMoTE weights sit on")
     m.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
                    help="SAM size when only --sam-checkpoint is given")
     m.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -81,28 +76,12 @@ def options_from_args(args: argparse.Namespace):
     return BatchOptions(
         cohort=args.cohort, out=args.out,
         model=ModelSpec(args.segmote_checkpoint, args.sam_checkpoint, args.model_type,
-                        args.precision, args.allow_other_base),
+                        args.precision),
         mode=args.mode, label_key=args.label_key, label_id=args.label_id,
         batch_size=args.batch_size,
         pool=PoolConfig(args.num_actors, args.gpus_per_actor, args.cpus_per_actor),
         address=args.address, num_cpus=args.num_cpus, cases=tuple(args.cases),
         overwrite=args.overwrite, progress=False if args.no_progress else None)
-
-
-def check_model_args(args: argparse.Namespace) -> None:
-    """Model files checked before Ray starts: the SegMoTE checkpoint is readable and its SAM
-    base (given, or found where the checkpoint records it) is there with the recorded sha256;
-    ``args.sam_checkpoint`` is set to the one the actors will load."""
-    from pathlib import Path
-
-    from segmote_core.build import resolve_sam_checkpoint
-
-    if args.segmote_checkpoint:
-        sam = resolve_sam_checkpoint(args.segmote_checkpoint, args.sam_checkpoint,
-                                     allow_other_base=args.allow_other_base)
-        args.sam_checkpoint = str(sam) if sam is not None else None
-    elif args.sam_checkpoint and not Path(args.sam_checkpoint).is_file():
-        raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint}: no such file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,14 +92,12 @@ def run(args: argparse.Namespace) -> int:
     from .runner import OutputStoreMismatchError, run_batch
 
     try:
-        check_model_args(args)
         opts = options_from_args(args)
         summary = run_batch(opts)
     except (OutputStoreMismatchError, ModelLoadError, StoreLockedError, ValueError,
             OSError) as exc:
-        from segmote_core.cli import user_error
-
-        return user_error("batch", exc, getattr(args, "verbose", 0))
+        log.error("%s", exc)
+        return 2
     except KeyboardInterrupt:
         log.error("interrupted: complete cases are kept; rerun the same command to resume")
         return 130
