@@ -318,3 +318,17 @@ def test_read_limits_apply_to_dicom_series(tmp_path, phantom):
     assert str(tmp_path / "ct") in str(err.value)
     with read_limits(ReadLimits(volume_mb=need_mb * 2)):
         assert open_image(tmp_path / "ct").shape == hu.shape
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm"])
+def test_bundled_jpeg_family_decodes_like_pydicom(tmp_path, name):
+    from pydicom.pixels import apply_rescale
+
+    shutil.copy(TEST_FILES / name, tmp_path / name)
+    ds = pydicom.dcmread(tmp_path / name)
+    img = open_image(tmp_path / name)
+    expected = ds.pixel_array
+    if "RescaleSlope" in ds and img.axes != "YXC":
+        expected = apply_rescale(expected, ds)
+    np.testing.assert_array_equal(np.asarray(img.data), expected)
+    assert img.meta["dicom"]["transfer_syntax"] == ds.file_meta.TransferSyntaxUID.name
