@@ -332,3 +332,19 @@ def test_bundled_jpeg_family_decodes_like_pydicom(tmp_path, name):
         expected = apply_rescale(expected, ds)
     np.testing.assert_array_equal(np.asarray(img.data), expected)
     assert img.meta["dicom"]["transfer_syntax"] == ds.file_meta.TransferSyntaxUID.name
+
+
+def test_gantry_tilt_keeps_every_slice_at_its_own_position(tmp_path, phantom):
+    hu, _, spacing = phantom
+    s = write_series(tmp_path / "tilt", hu, spacing=spacing)
+    for z, f in enumerate(s.files):        # each slice shifted 1.5 mm along the columns (LPS y)
+        ds = pydicom.dcmread(f)
+        ipp = np.asarray(ds.ImagePositionPatient, float) + [0.0, 1.5 * z, 0.0]
+        ds.ImagePositionPatient = [float(v) for v in ipp]
+        ds.save_as(f)
+    img = open_image(tmp_path / "tilt")
+    np.testing.assert_array_equal(np.asarray(img.data), hu)
+    for z, f in enumerate(s.files):
+        lps = np.asarray(pydicom.dcmread(f).ImagePositionPatient, float)
+        np.testing.assert_allclose((img.affine @ [z, 0, 0, 1])[:3], LPS_TO_RAS[:3, :3] @ lps,
+                                   atol=1e-6)
