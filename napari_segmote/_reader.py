@@ -1,5 +1,6 @@
-"""npe2 reader: NIfTI images, DICOM series and SegMoTE cohort cases (zarr, SPEC 2.1) into
-napari layers.
+"""npe2 reader: NIfTI images, DICOM series, SegMoTE cohort cases (zarr, SPEC 2.1) and the
+output of ``segmote batch`` (``OUT.zarr`` or one of its cases: the case's image from its cohort
+with the pre-labels, or the saved correction, as an editable Labels layer) into napari layers.
 
 Layers carry ``metadata["segmote"]`` = modality, spacing, affine and source, so the writer can
 save labels with the source affine and the widget can pick the modality. Volumes stay lazy.
@@ -17,7 +18,8 @@ import numpy as np
 from segmote_core.io import open_cohort
 from segmote_core.io.readers import image_format, open_image
 
-__all__ = ["napari_get_reader", "read_nifti", "read_dicom", "read_cohort", "image_layer_data"]
+__all__ = ["napari_get_reader", "read_nifti", "read_dicom", "read_cohort", "read_output",
+           "output_case_layers", "image_layer_data"]
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,12 @@ def _zarr_kind(path: Path) -> str | None:
         return None
     if attrs.get("segmote", {}).get("kind") == "cohort":
         return "cohort"
+    if attrs.get("segmote", {}).get("kind") == "labels":
+        return "output"
     if (path / "image").is_dir() and _zarr_kind(path.parent) == "cohort":
         return "case"
+    if (path / "labels").is_dir() and _zarr_kind(path.parent) == "output":
+        return "output_case"
     return None
 
 
@@ -69,8 +75,12 @@ def read_paths(path: str | list[str]) -> list[LayerData]:
         p = Path(str(p))
         if p.name.endswith((".nii", ".nii.gz")):
             layers.extend(read_nifti(p))
+        elif image_format(p) == "dicom":
+            layers.extend(read_dicom(p))
+        elif _zarr_kind(p) in ("output", "output_case"):
+            layers.extend(read_output(p))
         else:
-            layers.extend(read_dicom(p) if image_format(p) == "dicom" else read_cohort(p))
+            layers.extend(read_cohort(p))
     return layers
 
 
@@ -132,3 +142,57 @@ def read_cohort(path: Path) -> list[LayerData]:
                            "labels"))
     log.info("read %d case(s) from %s", len(case_ids), root)
     return layers
+
+
+def read_output(path: Path) -> list[LayerData]:
+    """An output store of ``segmote batch``: its first pending case in review order (the Review
+    panel walks the rest); or the one case ``path`` names."""
+    from segmote_core.review import open_output, review_queue
+
+    if _zarr_kind(path) == "output_case":
+        return output_case_layers(open_output(path.parent), path.name)
+    store = open_output(path)
+    queue = review_queue(store)
+    if not queue:
+        raise ValueError(f"{path}: no complete case to show")
+    entry = next((e for e in queue if not e.reviewed), queue[0])
+    log.info("%s: showing case %s (rank %d of %d); the Review panel lists the others", path,
+             entry.case, entry.rank, len(queue))
+    return output_case_layers(store, entry.case)
+
+
+def output_case_layers(store: Any, case_id: str, labels_name: str | None = None
+                       ) -> list[LayerData]:
+    """The case's image (from the cohort the store records) and its labels: the reviewed
+    correction when there is one, else the pre-label, editable, in the image's geometry, with
+    the per-slice QC in the layer's metadata (``metadata["segmote"]["qc"]``).
+
+    Raises:
+        OutputStoreError: the cohort is not where the store says (naming where it looked), the
+            case is incomplete or not in the cohort.
+    """
+    from segmote_core.review import OutputStoreError, read_correction
+
+    cohort = store.open_cohort()
+    pre = store.prelabels(case_id)
+    try:
+        case = cohort.case(case_id)
+    except Exception as exc:  # noqa: BLE001 - CohortError, zarr errors
+        raise OutputStoreError(f"{store.path}/{case_id}: its image is not in the cohort "
+                               f"{store.cohort_path}: {exc}") from exc
+    rgb = case.axes == "YXC"
+    image = image_layer_data(case.image, case_id, case.modality, case.spacing, case.affine,
+                             str(store.cohort_path / case_id), rgb=rgb, case_id=case_id)
+    attrs = dict(pre.attrs)
+    got = read_correction(store, case_id)
+    data, source = (got[0], "reviewed") if got is not None else (np.asarray(pre[...]),
+                                                                 "pre-label")
+    meta = {"segmote": {**image[1]["metadata"]["segmote"], "output": str(store.path),
+                        "case_id": case_id, "labels_source": source,
+                        "prelabel_signature": attrs.get("signature_sha256"),
+                        "qc": attrs.get("qc"), "qc_case": attrs.get("qc_case"),
+                        "qc_components": attrs.get("qc_components"),
+                        "router_confidence": attrs.get("confidence")}}
+    geo = {k: image[1][k] for k in ("scale", "axis_labels") if k in image[1]}
+    name = labels_name or f"{case_id} {source}"
+    return [image, (data, {"name": name, "metadata": meta, **geo}, "labels")]

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .fileio import atomic_write_dir
+
 __all__ = ["OutputStoreError", "OutputStore", "open_output", "QueueEntry", "review_queue",
            "read_correction", "save_correction", "edited_slices", "describe", "CORRECTIONS"]
 
@@ -264,7 +266,6 @@ def save_correction(out: str | Path | OutputStore, case_id: str, labels: np.ndar
     import zarr
 
     from . import __version__
-    from .fileio import atomic_write_dir
     from .locking import StoreLock
 
     store = out if isinstance(out, OutputStore) else open_output(out)
@@ -299,15 +300,22 @@ def save_correction(out: str | Path | OutputStore, case_id: str, labels: np.ndar
     target = _correction_dir(store, case_id)
     if lock:
         with StoreLock(store.path, "segmote review: save correction"):
-            atomic_write_dir(target, write)
+            _replace(store, case_id, target, write)
     else:
-        atomic_write_dir(target, write)
-    for old in store.corrections.glob(f".{case_id}.*.old"):  # left by a killed earlier save
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
+        _replace(store, case_id, target, write)
     log.info("saved the correction of %s (%d edited slice(s)) to %s", case_id, len(edited), target)
     return target
+
+
+def _replace(store: OutputStore, case_id: str, target: Path, write: Any) -> None:
+    import shutil
+
+    atomic_write_dir(target, write)
+    # what a save killed earlier left beside: its temporary folder, or the previous correction
+    # moved aside (the new one is in place now, so neither is needed)
+    for left in (*store.corrections.glob(f".{case_id}.*.tmp"),
+                 *store.corrections.glob(f".{case_id}.*.old")):
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def _user() -> str:
