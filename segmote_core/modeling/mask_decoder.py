@@ -19,7 +19,7 @@ from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from torch import Tensor, nn
 
 from .fast_ops import conv_to_one_channel, run_stack
-from .mote import MoTERouter, RoutingResult
+from .mote import MoTERouter, RoutingResult, straight_through
 from .transformer import run_two_way_transformer
 
 __all__ = ["SegMoTEMaskDecoder", "RawDecoderOutput"]
@@ -163,8 +163,9 @@ class SegMoTEMaskDecoder(nn.Module):
         selected = hyper[rows, routing.selected_token]  # (N, C/8)
         if self.training and torch.is_grad_enabled():
             # Straight-through: value unchanged, gradient reaches the token confidence c[t*].
-            w = routing.token_weights[rows, routing.selected_token].unsqueeze(1)
-            selected = selected * (w / w.detach())
+            logw = torch.log_softmax(routing.token_confidence, dim=1)
+            selected = selected * straight_through(logw[rows, routing.selected_token]
+                                                   .unsqueeze(1))
         if not self.hq_fusion:
             return (selected.unsqueeze(1) @ upscaled.flatten(2)).reshape(n, 1, h4, w4)
         last = self.feature_fusion[-1]

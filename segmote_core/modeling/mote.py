@@ -8,7 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MoTERouter", "RoutingResult", "cv_squared"]
+__all__ = ["MoTERouter", "RoutingResult", "cv_squared", "straight_through"]
+
+
+def straight_through(logp: Tensor) -> Tensor:
+    """``exp(logp - logp.detach())``: exactly 1 in value, with the gradient of ``logp``.
+
+    Multiplying a value by it leaves the value as it is and adds ``value * d logp`` to its
+    gradient. Written with log-probabilities it stays finite for any logits; the ratio
+    ``p / p.detach()`` is 0 / 0 once ``p`` underflows (a logit about 104 below the top one in
+    float32), which turned gates, outputs and gradients into NaN.
+    """
+    return torch.exp(logp - logp.detach())
 
 
 def cv_squared(x: Tensor) -> Tensor:
@@ -75,11 +86,13 @@ class MoTERouter(nn.Module):
         top_vals, top_idx = logits.topk(self.top_k, dim=-1)
         top_gates = torch.softmax(top_vals, dim=-1)
         if self.training and torch.is_grad_enabled():
-            # Straight-through routing gradient: values stay exactly the documented gates, but the
-            # gradient of the full-softmax probability reaches W_g (with k = 1 the top-k
-            # softmax is constant 1 and the router would otherwise never learn).
-            p = torch.softmax(logits, dim=-1).gather(-1, top_idx)
-            top_gates = top_gates * (p / p.detach())
+            # Straight-through routing gradient: values stay exactly the documented gates, but
+            # each selected expert's full-softmax log-probability, weighted by its gate, reaches
+            # W_g (with k = 1 the top-k softmax is constant 1 and the router would otherwise
+            # never learn; for k >= 2 this adds to the top-k softmax's own gradient:
+            # docs/model.md). Log-probabilities keep it finite for any logits.
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, top_idx)
+            top_gates = top_gates * straight_through(logp)
         gates = torch.zeros_like(logits).scatter(-1, top_idx, top_gates)
         confidence = top_vals[..., 0]  # largest logit per token (max over its top-k)
         selected_token = confidence.argmax(dim=1)
