@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from segmote_core.io import open_cohort
+from segmote_core.io import CohortError, open_cohort
 from segmote_core.io.readers import image_format, open_image
 
 __all__ = ["napari_get_reader", "read_nifti", "read_dicom", "read_cohort", "read_output",
@@ -38,11 +38,13 @@ def _zarr_kind(path: Path) -> str | None:
         return None
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        seg = attrs.get("segmote", {})
+        kind = seg.get("kind") if isinstance(seg, dict) else None
+    except (OSError, ValueError, AttributeError):  # malformed metadata: not ours to read
         return None
-    if attrs.get("segmote", {}).get("kind") == "cohort":
+    if kind == "cohort":
         return "cohort"
-    if attrs.get("segmote", {}).get("kind") == "labels":
+    if kind == "labels":
         return "output"
     if (path / "image").is_dir() and _zarr_kind(path.parent) == "cohort":
         return "case"
@@ -129,8 +131,16 @@ def read_cohort(path: Path) -> list[LayerData]:
     cohort = open_cohort(root)
     case_ids = cohort.case_ids() if kind == "cohort" else [path.name]
     layers: list[LayerData] = []
+    skipped = []
     for case_id in case_ids:
-        case = cohort.case(case_id)
+        try:
+            case = cohort.case(case_id)
+        except CohortError as exc:
+            if kind != "cohort":
+                raise
+            log.warning("skipping a case that cannot be read: %s", exc)  # the others load
+            skipped.append(case_id)
+            continue
         rgb = case.image.ndim == 3 and case.image.shape[-1] == 3 and len(case.spacing) == 2
         layers.append(image_layer_data(case.image, case_id, case.modality, case.spacing,
                                        case.affine, str(root / case_id), rgb=rgb,
@@ -140,7 +150,10 @@ def read_cohort(path: Path) -> list[LayerData]:
             geo = {k: layers[-1][1][k] for k in ("scale", "axis_labels") if k in layers[-1][1]}
             layers.append((case.labels, {"name": f"{case_id} labels", "metadata": meta, **geo},
                            "labels"))
-    log.info("read %d case(s) from %s", len(case_ids), root)
+    if skipped and len(skipped) == len(case_ids):
+        raise CohortError(f"{root}: no case could be read (e.g. {skipped[0]}; see the log)")
+    log.info("read %d case(s) from %s%s", len(case_ids) - len(skipped), root,
+             f"; skipped {', '.join(skipped)}" if skipped else "")
     return layers
 
 

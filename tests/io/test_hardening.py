@@ -206,3 +206,25 @@ def test_malformed_cohort_metadata_is_named(tmp_path):
     (cohort / "zarr.json").write_text("{ not json")
     with pytest.raises(CohortError, match=r"c\.zarr"):
         open_cohort(cohort)
+
+
+def test_napari_reader_declines_malformed_zarr_and_skips_a_bad_case(tmp_path):
+    """`napari_get_reader` raised on a folder with a malformed zarr.json (it must return None
+    for what it cannot read), and one bad case made the cohort reader fail all cases."""
+    from napari_segmote._reader import napari_get_reader, read_cohort
+
+    for text in ("{ not json", '{"attributes": {"segmote": "cohort"}}', "[1, 2]",
+                 '{"attributes": []}'):
+        bad = tmp_path / f"bad{len(text)}.zarr"
+        bad.mkdir()
+        (bad / "zarr.json").write_text(text)
+        assert napari_get_reader(str(bad)) is None, text
+    cohort = tmp_path / "c.zarr"
+    create_cohort(cohort)
+    write_case(cohort, "a", np.zeros((2, 8, 8), np.int16))
+    write_case(cohort, "b", np.zeros((2, 8, 8), np.int16))
+    zarr.open_group(str(cohort), mode="r+")["b"]["image"].attrs["affine"] = [[1, 2]]
+    layers = read_cohort(cohort)
+    assert [kw["name"] for _, kw, _ in layers] == ["a"]
+    with pytest.raises(CohortError, match=r"c\.zarr/b.*affine"):
+        read_cohort(cohort / "b")
