@@ -9,6 +9,11 @@ Each step draws one prompt mode for its whole batch (box 0.4 / points 0.3 / auto
   probability ``p(step) = ppt_guide_start * max(0, 1 - step / (ppt_guide_until * total))`` the step
   is guided: even steps give the category's text token, odd steps the previous round's low-res
   logits as the mask prompt (the trainer runs that first round).
+- ``auto`` *category-conditioned* (``ppt_category_text`` > 0, this project's extension): that share
+  of the auto steps draws from every mask (multi-category datasets too), each with its category's
+  text token on every step to the end; guided steps add only the mask prompt. A share
+  ``ppt_absent`` of the items asks for a category of the slice's dataset that the slice does not
+  hold, with an empty target.
 
 Box and point batches carry the category's text token with probability ``text_with_prompt``; a
 mask whose box alone is ambiguous (a category that shares its slice with others of its dataset)
@@ -45,6 +50,8 @@ class PromptBatch:
         point_coords: (B, P, 2) float32 XY, or None; point_labels (B, P) int64 (1, 0, -1 pad).
         text_ids: (B,) int64 vocabulary indices, or None.
         guide: ``None`` | ``"text"`` | ``"mask"`` (auto mode only).
+        category: a category-conditioned PPT step (the text token is the question, not a guide).
+        empty: (B,) bool, items whose target is empty (a category the slice lacks), or None.
     """
 
     mask_ids: np.ndarray
@@ -54,6 +61,8 @@ class PromptBatch:
     point_labels: np.ndarray | None = None
     text_ids: np.ndarray | None = None
     guide: str | None = None
+    category: bool = False
+    empty: np.ndarray | None = None
 
 
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
@@ -176,6 +185,8 @@ class PromptSampler:
             "plain": all_ids[~dataset.needs_text] if self.use_text else all_ids,
             "auto": all_ids[dataset.binary],
         }
+        # per slice, the categories its dataset has and it lacks (category-conditioned PPT)
+        self.absent = self._absent_categories() if self.use_text else {}
         probs = np.array([config.p_box, config.p_points,
                           config.p_auto if (use_auto and self.pools["auto"].size) else 0.0])
         self.mode_probs = probs / probs.sum()
@@ -209,6 +220,9 @@ class PromptSampler:
         """The prompts of optimiser step ``step`` (of ``total_steps``)."""
         rng = np.random.default_rng((self.seed, step))
         mode = MODES[int(rng.choice(3, p=self.mode_probs))]
+        if mode == "auto" and self.use_text and self.cfg.ppt_category_text > 0 \
+                and rng.random() < self.cfg.ppt_category_text:
+            return self._category_step(step, total_steps, rng)
         if mode == "auto":
             ids = self._draw(self.pools["auto"], rng)
             guided = rng.random() < guide_probability(step, total_steps, self.cfg.ppt_guide_start,
@@ -238,6 +252,38 @@ class PromptSampler:
                 labels[row, :len(lab)] = lab
             batch.point_coords, batch.point_labels = coords, labels
         return batch
+
+    def _absent_categories(self) -> dict[int, list[str]]:
+        """Slice -> sorted categories of its dataset (multi-category masks only) it lacks."""
+        ds = self.ds
+        per_dataset: dict[str, set[str]] = {}
+        present: dict[int, set[str]] = {}
+        for m, cat in enumerate(ds.categories):
+            s = int(ds.mask_slice[m])
+            present.setdefault(s, set()).add(cat)
+            if ds.needs_text[m]:
+                per_dataset.setdefault(ds.datasets[s], set()).add(cat)
+        return {s: sorted(per_dataset.get(ds.datasets[s], set()) - cats)
+                for s, cats in present.items()}
+
+    def _category_step(self, step: int, total_steps: int, rng: np.random.Generator
+                       ) -> PromptBatch:
+        """A category-conditioned PPT step: any mask, its category's text token always; the
+        mask guide on the progressive schedule; some items ask for an absent category."""
+        ids = self._draw(self.pools["text"], rng)
+        guided = rng.random() < guide_probability(step, total_steps, self.cfg.ppt_guide_start,
+                                                  self.cfg.ppt_guide_until)
+        text = self._text(ids)
+        empty = np.zeros(len(ids), bool)
+        swap = rng.random(len(ids)) < self.cfg.ppt_absent
+        for row, m in enumerate(ids):
+            lacking = self.absent.get(int(self.ds.mask_slice[m]), [])
+            if swap[row] and lacking:
+                text[row] = self.text_index[lacking[int(rng.integers(len(lacking)))]]
+                empty[row] = True
+        return PromptBatch(mask_ids=ids, mode="auto", text_ids=text,
+                           guide="mask" if guided else None, category=True,
+                           empty=empty if empty.any() else None)
 
     def _text(self, ids: np.ndarray) -> np.ndarray:
         return np.array([self.text_index[self.ds.categories[m]] for m in ids], np.int64)

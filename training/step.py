@@ -42,7 +42,9 @@ def decode_batch(model: SegMoTE, feats: ImageFeatures, batch: PromptBatch, *,
     """Decode B images with B prompt sets as drawn by the sampler (incl. PPT guide rounds).
 
     A ``"mask"``-guided auto step first runs an unguided PPT round without gradients and gives
-    its low-res logits as the mask prompt of the second, trained round.
+    its low-res logits as the mask prompt of the second, trained round. In a
+    category-conditioned step both rounds carry the category's text token (it is the question,
+    not a guide).
     """
     dev = feats.image_embeddings.device
     text = _tensor(batch.text_ids, dev, torch.long)
@@ -53,7 +55,8 @@ def decode_batch(model: SegMoTE, feats: ImageFeatures, batch: PromptBatch, *,
             mask_inputs = None
             if batch.guide == "mask":
                 with torch.no_grad():
-                    first = model.decode(feats, auto=True)
+                    first = model.decode(feats, auto=True,
+                                         text_ids=text if batch.category else None)
                 mask_inputs = first.low_res_masks[:, :1].detach().float()
             return model.decode(feats, auto=True, text_ids=text, mask_inputs=mask_inputs,
                                 multimask_output=multimask_output)
@@ -86,6 +89,9 @@ def training_loss(model: SegMoTE, feats: ImageFeatures, batch: PromptBatch, targ
         sam_aux: weight of SAM's ambiguity-aware loss in phase ``segmote``.
     """
     size = target.shape[-2:]
+    if batch.empty is not None:  # a category the slice lacks: the answer is an empty mask
+        keep = torch.as_tensor(~batch.empty, device=target.device, dtype=target.dtype)
+        target = target * keep.view(-1, *([1] * (target.dim() - 1)))
     multimask = phase == "sam" or sam_aux > 0
     out = decode_batch(model, feats, batch, multimask_output=multimask and batch.mode != "auto",
                        autocast=autocast)

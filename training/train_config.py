@@ -112,6 +112,16 @@ class PromptConfig:
         ppt_guide_until: the guided-step probability of PPT decays linearly from
             ``ppt_guide_start`` to 0 over this fraction of all steps.
         ppt_guide_start: the guided-step probability at step 0.
+        ppt_category_text: share of PPT steps that are *category-conditioned* (this project's
+            extension of the paper's binary PPT, docs/model.md): the batch is drawn from every
+            mask, of multi-category datasets too, and each carries its category's text token
+            on every such step, to the end of training (the text is the question PPT answers
+            at inference, ``segmote batch --categories``); the mask guide still follows the
+            progressive schedule. 0 (default): the paper's PPT, binary targets only, the text
+            guide fading with the mask guide.
+        ppt_absent: in a category-conditioned step, the share of items whose text names a
+            category of the slice's dataset that the slice does not hold, with an empty
+            target: PPT learns to answer "none here" (a kidney asked for above the kidneys).
     """
 
     p_box: float = 0.4
@@ -123,6 +133,8 @@ class PromptConfig:
     text_with_prompt: float = 0.5
     ppt_guide_until: float = 0.5
     ppt_guide_start: float = 1.0
+    ppt_category_text: float = 0.0
+    ppt_absent: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -173,7 +185,7 @@ class TrainConfig:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
         p = self.prompts
         for name in ("p_box", "p_points", "p_auto", "text_with_prompt", "ppt_guide_until",
-                     "ppt_guide_start"):
+                     "ppt_guide_start", "ppt_category_text", "ppt_absent"):
             value = getattr(p, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"prompts.{name} must be in [0, 1], got {value}")
