@@ -48,7 +48,8 @@ def test_editable_install_loads_top_level_manifest():
     info = json.loads(out.getvalue().strip().splitlines()[-1])
     assert info["name"] == "segmote"
     assert Path(info["resolved"]) == MANIFEST           # the very file at the repository root
-    assert (info["widgets"], info["readers"], info["writers"], info["samples"]) == (1, 1, 1, 2)
+    # widgets: the annotator and the review panel
+    assert (info["widgets"], info["readers"], info["writers"], info["samples"]) == (2, 1, 1, 2)
     cli = subprocess.run([sys.executable, "-m", "npe2", "validate", "segmote", "--imports"],
                          capture_output=True, text=True, timeout=300, cwd="/")
     assert cli.returncode == 0 and "valid" in cli.stdout, cli.stdout + cli.stderr
@@ -73,4 +74,4 @@ def test_wheel_install_ships_top_level_manifest(tmp_path):
     info = _probe(str(site))
     assert Path(info["resolved"]) == shipped.resolve()  # loaded from the installed copy
     assert info["text"] == MANIFEST.read_text()
-    assert info["name"] == "segmote" and info["widgets"] == 1
+    assert info["name"] == "segmote" and info["widgets"] == 2
