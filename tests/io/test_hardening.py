@@ -167,8 +167,9 @@ def test_invalid_and_reserved_case_ids_fail_their_row_only(tmp_path):
                                                "../escape"}
     assert all("case id" in r.error for r in rep.failed)
     assert open_cohort(cohort).case_ids() == ["ok_1"] and report_path(cohort).is_file()
-    with pytest.raises(ValueError, match="reserved"):
-        write_case(cohort, "Report.csv", np.zeros((4, 4), np.uint8))
+    for name in ("Report.csv", "corrections", "x.lock"):  # also the reviewers' folder, locks
+        with pytest.raises(ValueError, match="reserved"):
+            write_case(cohort, name, np.zeros((4, 4), np.uint8))
 
 
 # ------------------------------------------------------------ NaN slices
