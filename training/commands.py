@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import yaml
@@ -33,27 +34,53 @@ def register_train(subparsers) -> None:
                    help="start over even if OUTPUT_DIR/checkpoint holds a checkpoint")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop (with a resumable checkpoint) after this many steps")
+    p.add_argument("--random-encoder", action="store_true",
+                   help="train a vit_* model without sam_checkpoint, on a randomly initialised "
+                        "encoder, on purpose (refused otherwise)")
     p.set_defaults(func=run_train)
 
 
+def _check_files(config) -> None:
+    """Input files exist before any model is built (a missing one is a one-line error)."""
+    for what, value in (("data.cohort", config.data.cohort), ("data.selection",
+                        config.data.selection), ("sam_checkpoint", config.sam_checkpoint),
+                        ("init_checkpoint", config.init_checkpoint)):
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"{what}: {value} does not exist")
+    if not config.data.cohort:
+        raise ValueError("data.cohort is not set (the training cohort .zarr)")
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from segmote_core.checkpoint import describe_base
+    from segmote_core.cli import summary
     from segmote_core.progress import Cancelled
 
     from .train_config import load_train_config
     from .trainer import Trainer
 
-    config = load_train_config(args.config, dict(args.overrides))
+    overrides = dict(args.overrides)
+    if args.random_encoder:
+        overrides["random_encoder"] = True
+    config = load_train_config(args.config, overrides)
+    _check_files(config)
     trainer = Trainer(config, resume=not args.no_resume)
     try:
         result = trainer.fit(max_steps=args.max_steps)
     except (KeyboardInterrupt, Cancelled):
-        log.warning("stopped; rerun the same command to resume from %s", trainer.ckpt_dir)
+        sys.stderr.write(f"segmote train: interrupted; {trainer.resume_hint()}\n")
         return 130
+    base = getattr(trainer.model, "base_source", None) or {}
+    lines = [f"segmote train: {result.position.global_step} of {trainer.total_steps} steps "
+             f"in {result.seconds:.0f} s, last loss {result.last_loss:.4f}"]
     if result.model_path is None:
-        log.info("stopped at global step %d; rerun to resume", result.position.global_step)
+        lines.append(f"  stopped early: rerun the same command to resume from "
+                     f"{result.checkpoint}")
     else:
-        log.info("model: %s (%.0f s, last loss %.4f)", result.model_path, result.seconds,
-                 result.last_loss)
+        lines.append(f"  model: {result.model_path} (+ .json)")
+    lines += [f"  base: {describe_base(base)}", f"  metrics: {result.metrics_csv}",
+              f"  checkpoint: {result.checkpoint}"]
+    summary(lines)
     return 0
 
 
@@ -63,10 +90,22 @@ def register_evaluate(subparsers) -> None:
         description="Writes per_mask.csv, table_*.csv, tables.md, summary.json, "
                     "expert_usage.png and routing_heatmaps.png into OUT_DIR.")
     p.add_argument("checkpoint", help="SegMoTE .safetensors, or 'demo' for the bundled model")
-    p.add_argument("cohort", type=Path, help="labelled cohort zarr")
+    p.add_argument("cohort", type=Path, nargs="?", default=None,
+                   help="labelled cohort zarr (may be left out with --real-image-check)")
     p.add_argument("out_dir", type=Path)
+    p.add_argument("--real-image-check", action="store_true",
+                   help="also (or, without a cohort, only) run the label-free real-image check: "
+                        "random boxes on pydicom's real CT/MR slices, >= 90%% of boxes with "
+                        ">= 95%% of the mask inside (real_image_check.json, real_images.png)")
+    p.add_argument("--boxes-per-slice", type=int, default=12,
+                   help="boxes per slice of the real-image check")
     p.add_argument("--sam-checkpoint", default=None,
-                   help="official SAM .pth the SegMoTE weights sit on (not for tiny models)")
+                   help="official SAM .pth the SegMoTE weights sit on (default: the file "
+                        "recorded at training time, when it is still there; not for models "
+                        "that hold their base)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="load the weights on a SAM checkpoint whose sha256 differs from the "
+                        "one they were trained on")
     p.add_argument("--selection", type=Path, default=None,
                    help="selection.json of 'segmote curate'; evaluates its --split")
     p.add_argument("--split", default="test", help="split of the selection (default: test)")
@@ -85,20 +124,44 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from segmote_core.build import load_demo_model
-    from segmote_core.build import load_segmote
+    from segmote_core.build import load_demo_model, load_segmote, resolve_sam_checkpoint
+    from segmote_core.cli import summary
+    from segmote_core.io import open_cohort
 
     from .dataset import build_slice_dataset
     from .evaluate import evaluate_model, write_report
     from .trainer import resolve_device
 
     device = resolve_device(args.device)
+    if args.cohort is None and not args.real_image_check:
+        raise ValueError("give a labelled COHORT, or --real-image-check")
+    if args.cohort is not None:
+        open_cohort(args.cohort)         # a wrong path fails before the model loads
+    if args.selection is not None and not args.selection.is_file():
+        raise FileNotFoundError(f"--selection {args.selection} does not exist")
     if args.checkpoint == "demo":
         model = load_demo_model(device=device)
     else:
-        model = load_segmote(args.checkpoint, sam_checkpoint=args.sam_checkpoint, device=device)
+        sam = resolve_sam_checkpoint(args.checkpoint, args.sam_checkpoint,
+                                     allow_other_base=args.allow_other_base)
+        model = load_segmote(args.checkpoint, sam_checkpoint=sam, device=device,
+                             allow_other_base=args.allow_other_base)
     if torch.get_num_threads() > 4 and device.type == "cpu":
         torch.set_num_threads(4)
+    code = 0
+    if args.real_image_check:
+        from .real_image_check import run_real_image_check
+
+        check = run_real_image_check(model, args.out_dir, boxes_per_slice=args.boxes_per_slice,
+                                     title=args.title or Path(str(args.checkpoint)).stem)
+        s = check.summary()
+        summary([f"segmote evaluate: real-image check {s['boxes_passed']}/{s['boxes']} boxes "
+                 f"({100 * s['pass_rate']:.1f}%) with >= 95% of the mask inside: "
+                 f"{'passed' if s['passed'] else 'FAILED'}",
+                 f"  report: {args.out_dir / 'real_image_check.json'}"])
+        code = 0 if check.passed else 1
+        if args.cohort is None:
+            return code
     with tqdm(desc="read cohort", unit="case") as bar:
         def tick(done: int, total: int) -> None:
             bar.total = total
@@ -114,8 +177,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                 progress=lambda d, t: bar.update(d - bar.n))
     paths = write_report(result, args.out_dir,
                          title=args.title or Path(str(args.checkpoint)).stem)
-    summary = result.rows.groupby("mode")["dice"].mean()
-    for mode, dice in summary.items():
-        log.info("mean Dice %-5s %.4f", mode, dice)
-    log.info("tables: %s", paths["tables_md"])
-    return 0
+    dice = result.rows.groupby("mode")["dice"].agg(["mean", "count"])
+    summary([f"segmote evaluate: {ds.num_slices} slices of {args.cohort}"]
+            + [f"  mean Dice {mode:<5} {row['mean']:.4f}  ({int(row['count'])} masks)"
+               for mode, row in dice.iterrows()]
+            + [f"  tables: {paths['tables_md']}", f"  report: {args.out_dir}"])
+    return code

@@ -149,7 +149,12 @@ class TrainConfig:
             a text guide; used only to make a tiny encoder when no pretrained SAM exists, i.e.
             the demo's phase 1).
         output_dir: run folder (checkpoints, metrics.csv, final model).
-        sam_checkpoint: official SAM ``.pth`` for the base weights (``None``: random/``init``).
+        sam_checkpoint: official SAM ``.pth`` for the base weights; the trained model records
+            its file name, path and sha256 and is loaded on no other. ``None``: the weights of
+            ``init_checkpoint``, or (vit_* models only with ``random_encoder``) random ones.
+        random_encoder: train a vit_* model on a randomly initialised encoder, on purpose
+            (``segmote train --random-encoder``); without it a vit_* config needs
+            ``sam_checkpoint`` (or ``init_checkpoint``).
         init_checkpoint: a SegMoTE ``.safetensors`` (e.g. phase 1's) whose weights seed the model.
         cache_embeddings: pre-compute the frozen encoder's outputs once (phase ``segmote``).
         cache_path: where the embedding cache file goes (``None``: inside ``output_dir``).
@@ -170,6 +175,7 @@ class TrainConfig:
     phase: str = "segmote"
     output_dir: str = "runs/segmote"
     sam_checkpoint: str | None = None
+    random_encoder: bool = False
     init_checkpoint: str | None = None
     cache_embeddings: bool = True
     cache_path: str | None = None
@@ -207,6 +213,16 @@ class TrainConfig:
             raise ValueError(f"data.category_weights must be positive numbers, got {bad}")
         if self.data.slice_stride < 1:
             raise ValueError(f"data.slice_stride must be >= 1, got {self.data.slice_stride}")
+        mt = self.model.model_type
+        if mt.startswith("vit_") and not (self.sam_checkpoint or self.init_checkpoint
+                                          or self.random_encoder):
+            raise ValueError(
+                f"model.model_type {mt} needs sam_checkpoint: the official SAM {mt} .pth "
+                f"(e.g. sam_vit_b_01ec64.pth); without it the encoder is random and the model "
+                f"useless. To train on a random encoder on purpose, pass --random-encoder "
+                f"(random_encoder: true)")
+        if self.random_encoder and self.sam_checkpoint:
+            raise ValueError("random_encoder and sam_checkpoint exclude each other")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 

@@ -27,7 +27,7 @@ from segmote_core.progress import CancelToken, Cancelled, ProgressCallback
 from .checkpointing import (STATE_FILE, TrainPosition, load_matching_weights,
                             load_training_checkpoint, save_training_checkpoint)
 from .dataset import SliceDataset, build_slice_dataset, model_input
-from .precompute import FeatureCache, load_or_compute_features
+from .precompute import FeatureCache, load_or_compute_features, parts_dir
 from .prompts import PromptSampler
 from .step import augment_batch, training_loss
 from .train_config import TrainConfig
@@ -113,6 +113,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.optim.epochs
         self.position = TrainPosition(0, 0, 0)
         if resume and (self.ckpt_dir / STATE_FILE).is_file():
+            from segmote_core.checkpoint import check_base, read_checkpoint_info
+
+            from .checkpointing import MODEL_FILE
+
+            saved = read_checkpoint_info(self.ckpt_dir / MODEL_FILE)["base"]
+            check_base(self.ckpt_dir, saved, getattr(self.model, "base_source", {}))
             self.position = load_training_checkpoint(self.ckpt_dir, self.model, self.optimizer,
                                                      config=self._config_dict())
             self.position = self._normalized(self.position)
@@ -138,6 +144,15 @@ class Trainer:
         if c.init_checkpoint:
             need = "sam." if (c.phase == "segmote" and c.sam_checkpoint is None) else None
             load_matching_weights(model, c.init_checkpoint, require_prefix=need)
+            if need:  # SAM's weights now come from that file: record it as the base
+                from segmote_core.checkpoint import read_checkpoint_info, sam_base_source
+
+                init = sam_base_source(c.init_checkpoint)
+                model.base_source = {**init, "name": "SAM of a SegMoTE checkpoint",
+                                     "from": read_checkpoint_info(c.init_checkpoint)["base"]}
+        if c.phase == "sam":
+            model.base_source = {"name": "SAM trained end to end (phase sam)",
+                                 "from": model.base_source}
         if c.phase == "sam":
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -174,16 +189,50 @@ class Trainer:
                                   interm.index_select(0, index) if interm is not None else None)
         return feats, masks
 
+    @property
+    def cache_file(self) -> Path:
+        c = self.config
+        return Path(c.cache_path) if c.cache_path else self.out / "embeddings.safetensors"
+
     def prepare_cache(self, progress: ProgressCallback | None = None,
-                      cancel: CancelToken | None = None) -> None:
-        """Pre-compute the frozen encoder's outputs (phase ``segmote`` with cache_embeddings)."""
+                      cancel: CancelToken | None = None, show_progress: bool = False) -> None:
+        """Pre-compute the frozen encoder's outputs (phase ``segmote`` with cache_embeddings),
+        chunk by chunk (an interrupted pre-compute resumes), with a tqdm bar (and ETA) when
+        ``show_progress``."""
         if self.config.phase != "segmote" or not self.config.cache_embeddings:
             return
-        path = Path(self.config.cache_path) if self.config.cache_path else self.out / "embeddings.safetensors"
-        self.cache = load_or_compute_features(self.model, self.dataset.images,
-                                              self.dataset.extents, path,
-                                              autocast=self.autocast, progress=progress,
-                                              cancel=cancel)
+        from tqdm.auto import tqdm
+
+        bar = None
+
+        def tick(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None and show_progress:   # starts at what a previous run left
+                bar = tqdm(total=total, initial=done, unit="slice", desc="embeddings")
+            elif bar is not None:
+                bar.update(done - bar.n)
+            if progress is not None:
+                progress(done, total)
+        try:
+            self.cache = load_or_compute_features(self.model, self.dataset.images,
+                                                  self.dataset.extents, self.cache_file,
+                                                  autocast=self.autocast, progress=tick,
+                                                  cancel=cancel)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def resume_hint(self) -> str:
+        """What an interrupted run kept and how to go on (the CLI's Ctrl-C message)."""
+        if self.cache is None and self.config.phase == "segmote" and self.config.cache_embeddings:
+            parts = parts_dir(self.cache_file)
+            done = sum(int(b) - int(a) for a, b in (f.stem.split("_")[1:3]
+                                                     for f in parts.glob("chunk_*.safetensors")))
+            return (f"{done} of {self.dataset.num_slices} slices of the embedding pre-compute "
+                    f"are saved in {parts}; rerun the same command to continue from there")
+        if (self.ckpt_dir / STATE_FILE).is_file():
+            return f"rerun the same command to resume from {self.ckpt_dir}"
+        return "nothing was saved yet; rerun the same command to start again"
 
     # ----------------------------------------------------------------------------- loop
     def _normalized(self, pos: TrainPosition) -> TrainPosition:
@@ -192,11 +241,21 @@ class Trainer:
             return TrainPosition(pos.epoch + 1, 0, pos.global_step)
         return pos
 
+    def _include_base(self) -> bool | None:
+        """Store SAM inside the model unless it is the untouched ``sam_checkpoint`` file (or
+        LiteMedSAM's pinned package file): otherwise nothing else could rebuild it."""
+        c = self.config
+        if c.phase == "sam":
+            return True
+        if c.sam_checkpoint:
+            return False
+        return None if c.model.model_type == "lite_medsam" else True
+
     def _save(self) -> None:
         save_training_checkpoint(self.ckpt_dir, self.model, self.optimizer,
                                  self._normalized(self.position),
                                  config=self._config_dict(), summary=self.summary(),
-                                 include_base=True if self.config.phase == "sam" else None)
+                                 include_base=self._include_base())
 
     def summary(self) -> dict[str, Any]:
         return {"phase": self.config.phase, "data": self.dataset.summary(),
@@ -226,7 +285,7 @@ class Trainer:
 
         start = time.perf_counter()
         if self.cache is None:
-            self.prepare_cache(cancel=cancel)
+            self.prepare_cache(cancel=cancel, show_progress=show_progress)
         self.model.train()
         epochs, spe = self.config.optim.epochs, self.steps_per_epoch
         f, writer = self._open_metrics()
@@ -272,7 +331,7 @@ class Trainer:
         model_path = None
         if not stopped:
             model_path = save_segmote(self.model, self.out / "model.safetensors",
-                                      include_base=True if self.config.phase == "sam" else None,
+                                      include_base=self._include_base(),
                                       training=self.summary())
             log.info("wrote %s", model_path)
         return TrainResult(model_path, self.ckpt_dir, self.metrics_csv,
