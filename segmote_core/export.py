@@ -63,14 +63,19 @@ def _png(labels, dest, case, categories):
 def _dicom_seg(labels, dest, case, categories):
     from .io.dicom_seg import write_dicom_seg
 
+    # the source series where it still is (the SEG then copies its patient and study module),
+    # else the UIDs kept at ingest (the SEG still lands on the right slices)
+    folder = case.attrs.get("source")
     uids = case.attrs.get("dicom_uids")
-    source = uids if uids else case.attrs.get("source")
-    if not source:
+    if folder and Path(folder).exists() and (uids or Path(folder).is_dir()):
+        source, like = folder, None
+    elif uids:
+        source, like = uids, case.as_image()
+    else:
         raise OutputStoreError(f"{case.source}: not ingested from DICOM (no source series or "
                                "kept UIDs): DICOM-SEG needs one; use --format nifti")
     return write_dicom_seg(labels, dest.with_name(dest.name + ".seg.dcm"), source,
-                           categories=categories, like=case.as_image() if uids else None,
-                           manual=False)
+                           categories=categories, like=like, manual=False)
 
 
 FORMATS: dict[str, Writer] = {

@@ -135,3 +135,29 @@ def test_export_2d_as_png_and_bad_inputs(store, tmp_path, capsys):
     shutil.move(tmp_path / "moved.zarr", cohort)
     assert segmote_main(["export", str(out), str(tmp_path / "z"), "--cases", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_export_dicom_seg_lands_on_the_source_slices(tmp_path):
+    pytest.importorskip("highdicom")
+    from tests.io.dicom_series import ct_phantom, oblique_iop, write_series
+    from tests.io.test_dicom_seg import check_seg
+    from training.phantoms_ct import CT_CATEGORIES
+
+    hu, labels, spacing = ct_phantom(slices=6, size=40)
+    s = write_series(tmp_path / "dicom" / "ct", hu, spacing=spacing, iop=oblique_iop())
+    cohort = tmp_path / "cohort.zarr"
+    rep = ingest(tmp_path / "dicom", cohort, keep_uids=True, case_map={s.series_uid: "ct"},
+                 attrs={"categories": dict(CT_CATEGORIES)})
+    assert rep.ok, rep.to_csv()
+    out = tmp_path / "labels.zarr"
+    with OutputStore(out, cohort, {"model": "test"}) as st:
+        st.begin("ct", labels.shape)
+        st.write("ct", 0, labels.astype(np.uint8))
+        st.finish("ct", np.zeros(len(labels)), np.zeros(len(labels), np.int16), {"mode": "box"})
+    dest = tmp_path / "seg"
+    assert segmote_main(["export", str(out), str(dest), "--format", "dicom-seg",
+                         "--no-progress"]) == 0
+    cats = {int(k): v for k, v in CT_CATEGORIES.items()}
+    check_seg(dest / "ct.seg.dcm", s, labels, cats)
+    rows = list(csv.DictReader(open(dest / "labels.csv")))
+    assert {r["category"] for r in rows} == {cats[v] for v in np.unique(labels) if v}
