@@ -54,7 +54,7 @@ def _review(make_napari_viewer):
     return viewer, widget
 
 
-def test_open_edit_save_next_reopen(make_napari_viewer, output, qtbot):
+def test_open_edit_save_next_reopen(make_napari_viewer, output, qtbot, tiny_model_shared):
     from napari_segmote.layers import COMMITTED
 
     out, _, pre = output
@@ -93,6 +93,13 @@ def test_open_edit_save_next_reopen(make_napari_viewer, output, qtbot):
     # reopening the reviewed case shows the saved correction
     widget.open_case("vol_a")
     np.testing.assert_array_equal(viewer.layers[COMMITTED].data, edited)
+    # the annotator adopts the open labels as its committed objects (refine / add objects)
+    annotator = widget.annotate()
+    assert "load a model" in widget.status.value
+    annotator.controller.set_model(tiny_model_shared)
+    widget.annotate()
+    np.testing.assert_array_equal(annotator.controller.session.committed, edited)
+    assert annotator.controller.image_layer is viewer.layers["vol_a"] and not widget.dirty()
     # the queue survives closing napari: a new viewer reads the statuses back
     viewer2, widget2 = _review(make_napari_viewer)
     assert [e.status for e in widget2.load(out)] == ["reviewed", "pending", "pending"]
