@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from importlib.metadata import entry_points
 from typing import Iterable, Sequence
 
@@ -43,7 +44,7 @@ def summary(lines: Iterable[str] | str) -> None:
 def user_error(command: str, exc: BaseException | str, verbose: int = 0) -> int:
     """Report a user error as one line on stderr (the traceback too with ``-v``); returns 2."""
     if verbose and isinstance(exc, BaseException):
-        log.error("segmote %s failed", command, exc_info=exc)
+        traceback.print_exception(exc, file=sys.stderr)
     sys.stderr.write(f"segmote {command}: error: {exc}\n")
     sys.stderr.flush()
     return 2

@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     except (OSError, ValueError, StoreLockedError) as exc:
-        log.error("%s", exc)
-        return 2
+        from .cli import user_error
+
+        return user_error("ingest", exc, getattr(args, "verbose", 0))
     out = sys.stdout
     if args.report_json:
         for r in rep.records:
