@@ -64,6 +64,8 @@ class ReviewWidget(Container):
 
         self.path = FileEdit(label="output store", mode="d",
                              tooltip="the OUT.zarr of segmote batch")
+        self.corrections = FileEdit(label="corrections", mode="d", nullable=True,
+                                    tooltip="where Save writes (default: <store>/corrections)")
         self.load_button = PushButton(text="Load queue")
         self.queue = Select(label="cases (lowest QC first)", choices=[], allow_multiple=False)
         self.queue.native.setMinimumHeight(160)
@@ -78,10 +80,11 @@ class ReviewWidget(Container):
         row = Container(widgets=[self.save_button, self.next_button], layout="horizontal",
                         labels=False)
         row.margins = (0, 0, 0, 0)
-        self.extend([self.path, self.load_button, self.queue, self.open_button, self.worst,
-                     self.annotate_button, row, self.status])
+        self.extend([self.path, self.corrections, self.load_button, self.queue,
+                     self.open_button, self.worst, self.annotate_button, row, self.status])
         g = self._guard
-        self.load_button.clicked.connect(g(lambda: self.load(self.path.value)))
+        self.load_button.clicked.connect(g(lambda: self.load(self.path.value,
+                                                             self.corrections.value)))
         self.open_button.clicked.connect(g(self._open_selected))
         self.save_button.clicked.connect(g(self.save))
         self.next_button.clicked.connect(g(self.next))
@@ -115,9 +118,12 @@ class ReviewWidget(Container):
             self.queue.value = describe(self._entry(self.case))
 
     # ------------------------------------------------------------------ actions
-    def load(self, path: str | Path) -> list[QueueEntry]:
-        """Open an output store and list its cases in review order with their status."""
-        store = open_output(Path(str(path)))
+    def load(self, path: str | Path, corrections: str | Path | None = None
+             ) -> list[QueueEntry]:
+        """Open an output store and list its cases in review order with their status;
+        ``corrections``: save to (and read from) this folder instead of
+        ``<store>/corrections``."""
+        store = open_output(Path(str(path)), corrections or None)
         store.open_cohort()  # fail now, saying where it looked, if the cohort has moved
         self.store = store
         self.entries = review_queue(store)

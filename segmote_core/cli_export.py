@@ -28,6 +28,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "still written as NIfTI, the format that keeps their geometry); "
                         "dicom-seg for cases ingested from DICOM")
     p.add_argument("--cases", nargs="+", metavar="CASE", help="only these cases")
+    p.add_argument("--corrections", metavar="DIR",
+                   help="where the Review panel saved corrections (default OUT.zarr/corrections)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         res = export_store(args.out, args.dest, fmt=args.fmt, cases=args.cases,
-                           progress=progress)
+                           corrections=args.corrections, progress=progress)
     finally:
         bar.close()
     reviewed = sum(s == "reviewed" for s in res.sources.values())

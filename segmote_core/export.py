@@ -113,9 +113,11 @@ def _categories(case: Any, values: list[int], pre_attrs: dict[str, Any]) -> dict
 
 
 def export_store(out: str | Path, dest: str | Path, *, fmt: str = "nifti",
-                 cases: list[str] | None = None, progress: Any = None) -> ExportResult:
+                 cases: list[str] | None = None, corrections: str | Path | None = None,
+                 progress: Any = None) -> ExportResult:
     """Export every complete case of ``out`` (or ``cases``) to ``dest`` (module docstring).
 
+    ``corrections``: the folder the Review panel saved to when not ``<out>/corrections``.
     A case that cannot be exported (incomplete, unreadable, wrong shape for its image) is
     listed in ``result.errors`` naming it; the others are written.
 
@@ -125,7 +127,7 @@ def export_store(out: str | Path, dest: str | Path, *, fmt: str = "nifti",
     """
     if fmt not in FORMATS:
         raise OutputStoreError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
-    store = open_output(out)
+    store = open_output(out, corrections)
     cohort = store.open_cohort()
     dest = Path(dest).resolve()
     if dest == store.path.resolve() or store.path.resolve() in dest.parents:

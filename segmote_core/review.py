@@ -60,6 +60,7 @@ class OutputStore:
     path: Path
     root: Any
     attrs: dict[str, Any]
+    corrections_root: Path | None = None  # default: ``<out>/corrections``
 
     @property
     def cohort_path(self) -> Path:
@@ -118,11 +119,15 @@ class OutputStore:
 
     @property
     def corrections(self) -> Path:
-        return self.path / CORRECTIONS
+        """Where corrections are saved and read: ``<out>/corrections`` or the folder chosen."""
+        return self.corrections_root or self.path / CORRECTIONS
 
 
-def open_output(path: str | Path) -> OutputStore:
+def open_output(path: str | Path, corrections: str | Path | None = None) -> OutputStore:
     """Open a ``segmote batch`` output store read-only.
+
+    ``corrections``: a folder of one's choice for the corrections (default
+    ``<out>/corrections``), e.g. when the output store is on read-only media.
 
     Raises:
         OutputStoreError: no such path, not a zarr store, or a zarr store of another kind (a
@@ -143,7 +148,7 @@ def open_output(path: str | Path) -> OutputStore:
         what = f"a SegMoTE {kind}" if kind else "not a SegMoTE store"
         raise OutputStoreError(f"{path}: not an output store of segmote batch ({what}); give "
                                "the OUT.zarr that segmote batch wrote")
-    return OutputStore(path, root, attrs)
+    return OutputStore(path, root, attrs, Path(corrections) if corrections else None)
 
 
 # ------------------------------------------------------------------------------ queue
@@ -296,7 +301,7 @@ def save_correction(out: str | Path | OutputStore, case_id: str, labels: np.ndar
         arr.attrs.update({**attrs, "complete": False})
         arr.attrs["complete"] = True  # last: a folder without it is not a correction
 
-    store.corrections.mkdir(exist_ok=True)
+    store.corrections.mkdir(parents=True, exist_ok=True)
     target = _correction_dir(store, case_id)
     if lock:
         with StoreLock(store.path, "segmote review: save correction"):

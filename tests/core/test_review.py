@@ -86,3 +86,17 @@ def test_errors_name_the_case(tmp_path):
     with pytest.raises(OutputStoreError, match="not an output store"):
         open_output(tmp_path / "cohort.zarr")
     assert read_correction(out, "case") is None
+
+
+def test_corrections_in_a_folder_of_ones_choice(tmp_path):
+    from segmote_core.export import export_store
+
+    out = _store(tmp_path)
+    mine = tmp_path / "my_corrections"
+    data = np.random.default_rng(3).integers(0, 3, SHAPE, dtype=np.uint8)
+    save_correction(open_output(out, mine), "case", data)
+    assert (mine / "case").is_dir() and not (out / "corrections").exists()
+    assert read_correction(out, "case") is None
+    assert np.array_equal(read_correction(open_output(out, mine), "case")[0], data)
+    res = export_store(out, tmp_path / "export", corrections=mine, cases=["case"])
+    assert res.ok and res.sources == {"case": "reviewed"}
