@@ -2,8 +2,8 @@
 
 :class:`EmbeddingStore` keeps :meth:`SegMoTEPredictor.get_embedding` dicts by slice index. With
 an :class:`~segmote_core.cache.EmbeddingCache` behind it (:meth:`EmbeddingStore.on_disk`),
-embeddings survive a restart and a changed model or image raises ``EmbeddingCacheMismatchError`` rather
-than serving stale ones. :meth:`EmbeddingStore.compute_steps` fills the missing slices with
+embeddings survive a restart, and a changed model or image raises
+``EmbeddingCacheMismatchError`` rather than serving stale ones. :meth:`EmbeddingStore.compute_steps` fills the missing slices with
 :func:`segmote_core.inference.embed_slices`, the same batched encoder path as
 ``EmbeddingCache.compute_volume``, and reports ``(done, total)`` as a generator so a GUI worker
 can show progress and cancel between batches.
