@@ -157,8 +157,12 @@ def _qc_key(v: float) -> float:
     return -1.0 if not math.isfinite(v) else v
 
 
+def _order_by(rows: list[dict], key: str) -> list[int]:
+    return sorted(range(len(rows)), key=lambda i: (_qc_key(rows[i][key]), i))
+
+
 def slice_order(rows: list[dict]) -> list[int]:
-    return sorted(range(len(rows)), key=lambda i: (_qc_key(rows[i]["qc"]), i))
+    return _order_by(rows, "qc")
 
 
 def case_queue_order(rows: list[dict]) -> list[int]:
@@ -183,7 +187,8 @@ def main() -> None:
     if args.rows:
         import pandas as pd
 
-        rows, model_path = rescore(pd.read_csv(args.rows).to_dict("records")), f"rows of {args.rows}"
+        rows = rescore(pd.read_csv(args.rows).to_dict("records"))
+        model_path = f"rows of {args.rows}"
     else:
         rows, model_path = run(args.seed, {"mni_brain": args.brain, "xray_lungs": args.xray,
                                            "derm_lesion": args.derm}, args.threads)
@@ -229,7 +234,7 @@ def report(rows: list[dict], title: str) -> None:
     print(f"worst decile (true Dice) in the first 20 %: by slice QC "
           f"{100 * worst_decile_share(rows, slice_order(rows)):.0f} %, through the case queue "
           f"{100 * worst_decile_share(rows, case_queue_order(rows)):.0f} %, by router confidence "
-          f"{100 * worst_decile_share(rows, sorted(range(len(rows)), key=lambda i: (_qc_key(rows[i]['confidence']), i))):.0f} %")
+          f"{100 * worst_decile_share(rows, _order_by(rows, 'confidence')):.0f} %")
     kinds = defaultdict(list)
     for r in rows:
         kinds[r["kind"]].append(r)

@@ -279,6 +279,7 @@ def qc_attrs(signals: SliceSignals | dict[str, Sequence[float]],
     ``qc_weights`` that combined them."""
     qc, comps = slice_qc(signals, get_slice)
     value = case_qc(qc.tolist())
-    return {"qc": as_json_list(qc), "qc_case": None if not math.isfinite(value) else round(value, 4),
+    return {"qc": as_json_list(qc),
+            "qc_case": None if not math.isfinite(value) else round(value, 4),
             "qc_components": {k: as_json_list(v) for k, v in comps.items()},
             "qc_weights": dict(WEIGHTS)}
