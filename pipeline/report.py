@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ["case", "status", "error", "slices", "seconds", "qc", "min_qc",
                   "worst_slices", "empty_slices", "mean_router_confidence",
-                  "min_router_confidence", "expert_usage", "shape", "labels", "note"]
+                  "min_router_confidence", "expert_usage", "shape", "labels", "note",
+                  "categories"]
 QUEUE_COLUMNS = ["rank", "case", "qc", "min_qc", "worst_slices", "empty_slices", "slices",
                  "mean_router_confidence", "labels"]
 
@@ -31,11 +32,14 @@ QUEUE_COLUMNS = ["rank", "case", "qc", "min_qc", "worst_slices", "empty_slices",
 def case_row(case: str, status: str, *, error: str = "", slices: int = 0, seconds: float = 0.0,
              confidence: Sequence[float | None] = (), expert: Sequence[int] = (),
              shape: Sequence[int] = (), labels: str = "",
-             qc: Sequence[float | None] = ()) -> dict[str, Any]:
+             qc: Sequence[float | None] = (),
+             categories: dict[str, Any] | None = None) -> dict[str, Any]:
     """One report row. ``status``: ``done`` (this run), ``skipped`` (complete from an earlier
     run with the same signature) or ``failed``. ``expert_usage`` is JSON ``{expert: slices}``.
     ``qc`` is the per-slice QC (``None``: nothing segmented); the row keeps the case's QC
-    (:func:`segmote_core.qc.case_qc`), its lowest slice, its worst slices and the empty ones."""
+    (:func:`segmote_core.qc.case_qc`), its lowest slice, its worst slices and the empty ones.
+    ``categories`` (``segmote batch --categories``): per category its label value, QC, lowest
+    slice QC, empty slices and mean router confidence, kept as JSON (empty without)."""
     from segmote_core.qc import case_qc, worst_slices
 
     rated = [float(v) for v in qc if v is not None and math.isfinite(v)]
@@ -51,7 +55,8 @@ def case_row(case: str, status: str, *, error: str = "", slices: int = 0, second
             "min_router_confidence": float(conf.min()) if conf.size else float("nan"),
             "expert_usage": json.dumps({str(i): int(n) for i, n in zip(ids, counts)}),
             "shape": "x".join(str(int(s)) for s in shape), "labels": labels,
-            "note": ""}  # e.g. "input changed since the earlier labels: segmented again"
+            "note": "",  # e.g. "input changed since the earlier labels: segmented again"
+            "categories": json.dumps(categories) if categories else ""}
 
 
 def write_report(out: str | Path, rows: list[dict[str, Any]]) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +24,7 @@ from segmote_core.locking import StoreLock
 
 from .cases import CaseError, CaseInput, batch_count, iter_tasks, open_case
 from .engine import ActorPool, PoolConfig, ray_session, resolve_pool
+from .labelmap import CategoryBook, category_summary, check_categories
 from .report import case_row, write_report, write_review_queue
 from .store import OutputStore, OutputStoreMismatchError
 from .worker import ModelSpec, SliceBatchResult, SliceTask, peak_rss_mb
@@ -47,6 +48,10 @@ class BatchOptions:
         address: Ray cluster to join; ``None`` starts a private local Ray (``num_cpus``).
         cases: case ids to run (default all complete cases of the cohort).
         progress: tqdm bars (``None``: only on a terminal).
+        categories: names of the model's vocabulary (``("all",)``: all of it): one PPT pass
+            per category per slice, resolved into one label map whose values follow the label
+            table ``{"1": categories[0], ...}`` (``segmote_core.categories``); empty: one
+            binary mask per slice as before.
     """
 
     cohort: str
@@ -63,6 +68,7 @@ class BatchOptions:
     cases: tuple[str, ...] = ()
     overwrite: bool = False
     progress: bool | None = None
+    categories: tuple[str, ...] = ()
 
     def check(self) -> None:
         if self.mode not in ("auto", "box"):
@@ -124,7 +130,7 @@ class BatchSummary:
 class CaseInFlight:
     """Book-keeping for one case in flight."""
 
-    def __init__(self, case: CaseInput, t0: float) -> None:
+    def __init__(self, case: CaseInput, t0: float, categories: tuple[str, ...] = ()) -> None:
         self.case = case
         self.sent = 0
         self.received = 0
@@ -133,6 +139,7 @@ class CaseInFlight:
         self.conf = np.full(case.n_slices, np.nan, np.float32)
         self.expert = np.full(case.n_slices, -1, np.int16)
         self.qc = empty_signals(case.n_slices)
+        self.book = CategoryBook(case.n_slices, categories) if categories else None
         self.compute = 0.0
         self.t0 = t0
 
@@ -151,13 +158,16 @@ class _Driver:
     def tasks(self) -> Iterator[SliceTask]:
         value = self.opts.resolved_label_value
         for case in self.todo:
-            state = CaseInFlight(case, time.perf_counter())
+            cats = self.opts.categories
+            state = CaseInFlight(case, time.perf_counter(), cats)
             self.open[case.case_id] = state
             try:
-                self.store.begin(case.case_id, case.shape, "uint8" if value <= 255 else "uint16")
+                top = len(cats) if cats else value
+                self.store.begin(case.case_id, case.shape, "uint8" if top <= 255 else "uint16")
                 for task in iter_tasks(case, self.opts.batch_size, value, self.opts.label_id):
                     if state.error:
                         break
+                    task.categories = cats
                     state.sent += 1
                     yield task
             except Exception as exc:  # noqa: BLE001 - CaseError, store errors: this case only
@@ -181,6 +191,8 @@ class _Driver:
                 state.expert[res.start:res.start + n] = res.expert
                 for name, values in (res.qc or {}).items():
                     state.qc[name][res.start:res.start + n] = values
+                if state.book is not None:
+                    state.book.fill(res.start, res.categories or {})
                 self.slice_bar.update(n)
                 self.summary.slices += n
             except Exception as exc:  # noqa: BLE001 - e.g. disk full: fail this case
@@ -198,7 +210,9 @@ class _Driver:
         if not state.error:
             try:
                 arr = self.store.root[case_id]["labels"]
-                qc = qc_attrs(state.qc, (lambda z: arr[z]) if arr.ndim == 3 else None)
+                reader = (lambda z: arr[z]) if arr.ndim == 3 else None
+                qc = (state.book.attrs(reader) if state.book is not None
+                      else qc_attrs(state.qc, reader))
                 self.store.finish(case_id, state.conf, state.expert, {
                     "slices": case.n_slices, "seconds": round(wall, 3),
                     "compute_seconds": round(state.compute, 3), "mode": self.opts.mode,
@@ -221,7 +235,8 @@ class _Driver:
             self.slice_conf[case_id] = conf
             self.summary.rows.append(case_row(
                 case_id, "done", slices=case.n_slices, seconds=wall, confidence=conf,
-                expert=state.expert.tolist(), shape=case.shape, labels=labels, qc=qc["qc"]))
+                expert=state.expert.tolist(), shape=case.shape, labels=labels, qc=qc["qc"],
+                categories=category_summary(qc.get("categories"))))
             if case_id in self.changed:
                 self.summary.rows[-1]["note"] = CHANGED_NOTE
         self.case_bar.update(1)
@@ -229,10 +244,14 @@ class _Driver:
 
 def _signature(worker_sig: dict[str, Any], opts: BatchOptions) -> dict[str, Any]:
     box = opts.mode == "box"
-    return {"model": worker_sig, "mode": opts.mode,
-            "label_key": opts.label_key if box else None,
-            "label_id": opts.label_id if box else None,
-            "label_value": opts.resolved_label_value}
+    sig = {"model": worker_sig, "mode": opts.mode,
+           "label_key": opts.label_key if box else None,
+           "label_id": opts.label_id if box else None,
+           "label_value": opts.resolved_label_value}
+    if opts.categories:  # other categories (or another order) are another output
+        sig["categories"] = list(opts.categories)
+        sig["label_table"] = CategoryBook(0, opts.categories).table
+    return sig
 
 
 def _select(opts: BatchOptions) -> tuple[Any, list[str]]:
@@ -261,6 +280,8 @@ def run_batch(opts: BatchOptions) -> BatchSummary:
     """
     opts.check()
     opts.model.check_files()
+    if opts.categories:  # before the lock and Ray: an unknown name costs nothing
+        opts = replace(opts, categories=check_categories(opts.categories, opts.model, opts.mode))
     t_start = time.perf_counter()
     cohort, ids = _select(opts)
     inputs = opts.model.files()
@@ -306,7 +327,8 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
                     case.case_id, "skipped", slices=attrs.get("slices", 0),
                     seconds=attrs.get("seconds", 0.0), confidence=attrs.get("confidence", []),
                     expert=attrs.get("expert", []), shape=case.shape, qc=attrs.get("qc", []),
-                    labels=f"{store.path}/{case.case_id}/labels"))
+                    labels=f"{store.path}/{case.case_id}/labels",
+                    categories=category_summary(attrs.get("categories"))))
             else:
                 todo.append(case)
         for case_id, error in bad.items():

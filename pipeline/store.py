@@ -120,6 +120,12 @@ class OutputStore:
             self.root = zarr.open_group(str(self.path), mode="w-")
         self.root.attrs.update({"segmote": dict(STORE_KIND), "cohort": str(cohort),
                                 "signature": signature, "signature_sha256": self.sha})
+        # label value -> category of a --categories run; a store that held one and now holds
+        # binary labels must not keep naming them
+        if "label_table" in signature:
+            self.root.attrs["label_table"] = signature["label_table"]
+        elif "label_table" in self.root.attrs:
+            del self.root.attrs["label_table"]
 
     @staticmethod
     def precheck(path: str | Path, cohort: str | Path, inputs: Sequence[str | Path] = ()) -> None:

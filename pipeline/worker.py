@@ -82,6 +82,9 @@ class SliceTask:
         slices: ``(B, Y, X)`` grey or ``(B, Y, X, 3)`` RGB, raw intensities.
         boxes: ``(B, 4)`` XYXY per slice (NaN rows: nothing there) or ``None`` for PPT auto mode.
         label_value: the id written where the mask is on.
+        categories: names of the model's vocabulary: one PPT pass per category, resolved into
+            one label map (values of the label table, ``segmote_core.categories``); empty: one
+            binary PPT (or box) mask as ``label_value``.
     """
 
     case_id: str
@@ -90,6 +93,7 @@ class SliceTask:
     modality: str
     boxes: np.ndarray | None = None
     label_value: int = 1
+    categories: tuple[str, ...] = ()
 
 
 @dataclass
@@ -105,6 +109,8 @@ class SliceBatchResult:
     error: str | None = None
     worker: str = ""
     qc: dict[str, np.ndarray] | None = None  # decoder-side QC signals (segmote_core.qc)
+    # per category (--categories): confidence, expert and its QC signals, each (B,)
+    categories: dict[str, dict[str, np.ndarray]] | None = None
 
 
 def peak_rss_mb() -> float:
@@ -172,6 +178,8 @@ class SegmentWorker:
             conf = np.full(len(slices), np.nan, np.float32)
             expert = np.full(len(slices), -1, np.int16)
             qc: dict[str, np.ndarray] = {}
+            if task.categories:
+                return self._categories(task, slices, keep, t0)
             if len(keep):
                 res, signals = segment_with_qc(
                     self.model, slices[keep], task.modality,
@@ -197,6 +205,43 @@ class SegmentWorker:
                                time.perf_counter() - t0,
                                f"slices {task.start}-{task.start + len(task.slices) - 1}: "
                                f"{detail}", self.name)
+
+
+    def _categories(self, task: SliceTask, slices: np.ndarray, keep: np.ndarray,
+                    t0: float) -> SliceBatchResult:
+        """One PPT pass per category on one embedding per slice, resolved into one label map;
+        the slice-level confidence is the mean over the categories found on the slice and the
+        slice-level expert the one of its largest category."""
+        from segmote_core.categories import segment_categories
+
+        b, k = len(slices), len(task.categories)
+        dtype = np.uint8 if k <= 255 else np.uint16
+        labels = np.zeros((b, *slices.shape[1:3]), dtype)
+        per = {c: {"confidence": np.full(b, np.nan, np.float32),
+                   "expert": np.full(b, -1, np.int16),
+                   **{s: np.full(b, np.nan if s != "area" else 0.0, np.float32)
+                      for s in ("iou_head", "stability", "reprompt", "area")}}
+               for c in task.categories}
+        if len(keep):
+            res = segment_categories(self.model, slices[keep], task.categories, task.modality,
+                                     precision=self.spec.precision, chunk=self.chunk)
+            labels[keep] = res.labels
+            for j, c in enumerate(task.categories):
+                per[c]["confidence"][keep] = res.confidence[j]
+                per[c]["expert"][keep] = res.expert[j]
+                for name, values in res.signals[j].items():
+                    per[c][name][keep] = values
+        area = np.stack([per[c]["area"] for c in task.categories])            # (K, B)
+        found = area > 0
+        conf_k = np.stack([per[c]["confidence"] for c in task.categories])
+        rated = found & np.isfinite(conf_k)
+        conf = np.where(rated.any(0), np.where(rated, conf_k, 0).sum(0)
+                        / np.maximum(rated.sum(0), 1), np.nan).astype(np.float32)
+        largest = area.argmax(0)
+        expert = np.where(found.any(0), np.stack([per[c]["expert"] for c in task.categories])
+                          [largest, np.arange(b)], -1).astype(np.int16)
+        return SliceBatchResult(task.case_id, task.start, labels, conf, expert,
+                                time.perf_counter() - t0, None, self.name, None, per)
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -67,11 +67,14 @@ def _stability(logits, offset: float = 1.0):
 
 
 def decoder_signals(model: Any, feats: Any, out: Any, original: tuple[int, int],
-                    input_size: tuple[int, int], *, reprompt: bool = True) -> SliceSignals:
+                    input_size: tuple[int, int], *, reprompt: bool = True,
+                    text_ids: Any = None) -> SliceSignals:
     """The decoder-side components of B slices decoded once (``out``, one prompt set each).
 
     ``reprompt`` decodes once more, prompted by the box around each slice's own mask (no
-    encoder work). Slices whose mask is empty get NaN everywhere (nothing to rate).
+    encoder work), with ``text_ids`` ((B,) vocabulary indices) beside the box when the mask
+    answered a category (a box around grey matter alone would mean the whole brain).
+    Slices whose mask is empty get NaN everywhere (nothing to rate).
     """
     import torch
 
@@ -94,7 +97,8 @@ def decoder_signals(model: Any, feats: Any, out: Any, original: tuple[int, int],
         sub = type(feats)(feats.image_embeddings.index_select(0, index),
                           None if feats.interm_embeddings is None
                           else feats.interm_embeddings.index_select(0, index))
-        res = model.decode(sub, boxes=bt)
+        text = None if text_ids is None else text_ids.index_select(0, index.to(text_ids.device))
+        res = model.decode(sub, boxes=bt, text_ids=text)
         second = model.sam.postprocess_masks(res.low_res_masks[:, :1].float(), input_size,
                                              original)[:, 0] > 0
         a = torch.as_tensor(masks[sel], device=second.device)
