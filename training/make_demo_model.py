@@ -47,10 +47,38 @@ ABLATIONS = {"no_mote": {"model.num_expert_tokens": 0},
              "no_ppt": {"model.num_ppt_queries": 0}}
 #: Per base: the runs in order (folder, config; each run starts from the previous one's model)
 #: and the run whose config the ablations repeat.
+#: ``train_cases_per_dataset``: the training split thinned to at most this many cases per
+#: dataset (evenly spaced; the test split is untouched): LiteMedSAM's encoder costs seconds
+#: per slice on a CPU, and a pretrained base needs few examples.
 RECIPES = {"lite_medsam": {"runs": [("lite_medsam", "demo_lite_medsam.yaml")],
-                           "docs": "lite_medsam", "title": "SegMoTE demo model (LiteMedSAM base)"},
+                           "docs": "lite_medsam", "title": "SegMoTE demo model (LiteMedSAM base)",
+                           "train_cases_per_dataset": 12},
            "tiny": {"runs": [("phase1", "demo_phase1.yaml"), ("phase2", "demo_phase2.yaml")],
                     "docs": "", "title": "SegMoTE demo model (tiny)"}}
+
+
+def thin_selection(source: Path, target: Path, cases_per_dataset: int) -> Path:
+    """A copy of ``source`` whose training split keeps at most ``cases_per_dataset`` cases of
+    each dataset (evenly spaced over the sorted case ids); dropped cases become ``unused``."""
+    data = json.loads(source.read_text())
+    by_dataset: dict[str, list[str]] = {}
+    for case_id, entry in data["cases"].items():
+        if entry.get("split") == "train":
+            by_dataset.setdefault(entry.get("dataset", ""), []).append(case_id)
+    keep = set()
+    for ids in by_dataset.values():
+        ids = sorted(ids)
+        n = min(cases_per_dataset, len(ids))
+        keep |= {ids[round(i * (len(ids) - 1) / max(1, n - 1))] for i in range(n)}
+    for case_id, entry in data["cases"].items():
+        if entry.get("split") == "train" and case_id not in keep:
+            entry["split"] = "unused"
+    data["splits"]["train"] = sorted(keep)
+    data["splits"]["unused"] = sorted(c for c, e in data["cases"].items()
+                                      if e.get("split") == "unused")
+    data.setdefault("config", {})["train_cases_per_dataset"] = cases_per_dataset
+    target.write_text(json.dumps(data, indent=2))
+    return target
 
 
 def _config_path(name: str) -> Path:
@@ -120,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     selection = args.selection or work / "selection.json"
     if not selection.is_file():
         _segmote_cli("curate", str(cohort), str(selection))
+    if recipe.get("train_cases_per_dataset"):
+        selection = thin_selection(selection, work / f"selection_{args.base}.json",
+                                   recipe["train_cases_per_dataset"])
     data = {"data.cohort": str(cohort.resolve()), "data.selection": str(selection.resolve())}
     runs = recipe["runs"]
     trains_demo = not all((work / out / "model.safetensors").is_file() for out, _ in runs)
