@@ -40,11 +40,11 @@ def walkthrough(kind: str) -> list[str]:
         else [blocks[0]]
 
 
-def user_folder(root: Path, cases: int = 5) -> Path:
+def user_folder(root: Path, cases: int = 4) -> Path:
     """What the page starts from: nnU-Net folders and the SAM checkpoint."""
     aff = np.diag([0.8, 0.8, 2.0, 1.0])
     for i in range(cases):
-        vol, obj = ct_volume((6, 48, 48), seed=i)
+        vol, obj = ct_volume((4, 48, 48), seed=i)
         for sub, name, data in (("imagesTr", f"pt{i:03d}_0000.nii.gz", vol),
                                 ("labelsTr", f"pt{i:03d}.nii.gz", obj.astype(np.uint8))):
             (root / "mydata" / sub).mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def run_walkthrough(work: Path, capsys, *, with_batch: bool) -> dict[str, str]:
 
 
 def check_outputs(outputs: dict[str, str]) -> None:
-    assert "5 ingested, 0 skipped, 0 failed; labels for 5 of 5 cases" in outputs["ingest"]
+    assert "4 ingested, 0 skipped, 0 failed; labels for 4 of 4 cases" in outputs["ingest"]
     assert "WARNING" not in outputs["ingest"]
     assert "segmote curate: kept" in outputs["curate"] and "selection.json" in outputs["curate"]
     train = outputs["train"]
@@ -120,5 +120,5 @@ def test_walkthrough_with_batch_on_ray(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(work)
     outputs = run_walkthrough(work, capsys, with_batch=True)
     check_outputs(outputs)
-    assert "5 case(s): 5 segmented" in outputs["batch"]
+    assert "4 case(s): 4 segmented" in outputs["batch"]
     run_python(work, capsys)
