@@ -23,7 +23,6 @@ import csv
 import io
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,10 @@ from ..progress import CancelToken, Cancelled, ProgressCallback, report
 from .cohort import create_cohort, open_cohort, valid_case_id, write_case
 from .image import ImageReadError, ReadLimits, read_limits
 from .dicom import find_dicom_files, is_dicom_file, read_series, scan_dicom
+from .naming import LABEL_TAGS as _LABEL_TAGS
+from .naming import case_id_from_path, label_candidates  # noqa: F401  (public here too)
+from .naming import find_labels as _find_labels
+from .naming import is_label_name as _is_label_name
 from .readers import IMAGE_SUFFIXES, image_format, open_image
 
 __all__ = ["IngestItem", "IngestRecord", "IngestReport", "collect_inputs", "ingest",
@@ -44,8 +47,6 @@ __all__ = ["IngestItem", "IngestRecord", "IngestReport", "collect_inputs", "inge
 
 log = logging.getLogger(__name__)
 
-_LABEL_TAGS = ("_seg", "_label", "_labels", "_mask", "_gt")
-_SUFFIXES = sorted(IMAGE_SUFFIXES + (".ome.tif", ".ome.tiff"), key=len, reverse=True)
 REPORT_SUFFIX = ".ingest_report.csv"   # beside the cohort: cohort.zarr.ingest_report.csv
 
 
@@ -106,50 +107,6 @@ class IngestReport:
         for r in self.records:
             writer.writerow(asdict(r))
         return buf.getvalue()
-
-
-def _strip_suffix(name: str) -> str:
-    low = name.lower()
-    for suf in _SUFFIXES:
-        if low.endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
-
-
-def case_id_from_path(path: str | Path) -> str:
-    """A case id from a file name: suffixes and nnU-Net's ``_0000`` dropped, odd characters -> _."""
-    stem = re.sub(r"_0000$", "", _strip_suffix(Path(path).name))
-    cid = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-")
-    return cid[:128] or "case"
-
-
-def _is_label_name(name: str) -> bool:
-    return _strip_suffix(name).lower().endswith(_LABEL_TAGS)
-
-
-def label_candidates(image: Path, case_id: str, folders: Sequence[Path]) -> list[Path]:
-    """Where a case's label file may be, in the order tried (docs/medical_io.md): in each
-    folder the image's own file name; ``<case>`` with any supported suffix (nnU-Net:
-    ``imagesTr/pt000_0000.nii.gz`` pairs with ``labelsTr/pt000.nii.gz``), only in a folder that
-    is not the image's own, where such a file is another image; then ``<case>_seg``,
-    ``_label``, ``_labels``, ``_mask`` and ``_gt`` with any suffix."""
-    out: list[Path] = []
-    stems = list(dict.fromkeys([case_id, _strip_suffix(image.name)]))
-    for folder in folders:
-        if folder / image.name != image:
-            out.append(folder / image.name)
-        if folder.resolve() != image.parent.resolve():
-            out += [folder / f"{stem}{suf}" for stem in stems for suf in IMAGE_SUFFIXES]
-        out += [folder / f"{stem}{tag}{suf}" for tag in _LABEL_TAGS for stem in stems
-                for suf in IMAGE_SUFFIXES]
-    return out
-
-
-def _find_labels(image: Path, case_id: str, folders: Sequence[Path]) -> Path | None:
-    for cand in label_candidates(image, case_id, folders):
-        if cand.exists() and cand.resolve() != image.resolve():
-            return cand
-    return None
 
 
 # list-file header names -> column; a first line made only of such names is a header
