@@ -23,13 +23,28 @@ from typing import Any, Iterable, Iterator
 
 from .worker import ModelSpec, SegmentWorker, SliceBatchResult, SliceTask
 
-__all__ = ["PoolConfig", "ActorPool", "ModelLoadError", "ray_session", "resolve_pool"]
+__all__ = ["PoolConfig", "ActorPool", "ModelLoadError", "PoolFitError", "ray_session",
+           "resolve_pool", "check_fit", "node_resources", "STARTUP_TIMEOUT_S", "TASK_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds the actors get to load the model (``SEGMOTE_STARTUP_TIMEOUT``): past it the run
+#: stops with exit 2 instead of waiting for resources that never come.
+STARTUP_TIMEOUT_S = float(os.environ.get("SEGMOTE_STARTUP_TIMEOUT", "900"))
+#: Seconds one batch may take (``SEGMOTE_TASK_TIMEOUT``): past it the batch fails and its
+#: actor (hung kernel, lost node) is replaced.
+TASK_TIMEOUT_S = float(os.environ.get("SEGMOTE_TASK_TIMEOUT", "1800"))
+#: Test hook: a case id whose first batch makes the actor behave as after a CUDA
+#: illegal-memory-access (every later call on it fails), to show the actor gets replaced.
+POISON_ENV = "SEGMOTE_TEST_POISON_CASE"
 
 
 class ModelLoadError(ValueError):
     """The actors failed to load the model (bad checkpoint, missing SAM weights...)."""
+
+
+class PoolFitError(ValueError):
+    """The actor pool asks for more than the cluster (or any one node) has: nothing was sent."""
 
 
 @dataclass(frozen=True)
@@ -117,38 +132,118 @@ def resolve_pool(config: PoolConfig, resources: dict[str, float], n_batches: int
     return PoolConfig(n, gpa, cpa, config.queue_depth, config.chunk)
 
 
+def node_resources() -> list[dict[str, float]]:
+    """CPU and GPU totals of each live node of the joined Ray cluster."""
+    import ray
+
+    return [{"CPU": float(node["Resources"].get("CPU", 0.0)),
+             "GPU": float(node["Resources"].get("GPU", 0.0))}
+            for node in ray.nodes() if node.get("Alive")]
+
+
+def _fits(have: float, each: float) -> float:
+    return float("inf") if each <= 0 else int(have / each + 1e-9)
+
+
+def check_fit(config: PoolConfig, resources: dict[str, float],
+              nodes: list[dict[str, float]] | None = None) -> None:
+    """Refuse a pool Ray could never place (it would wait forever, silently).
+
+    All actors together must fit the cluster's totals (actors x GPUs, actors x CPUs), one actor
+    must fit on one node, and the nodes must hold all actors between them.
+
+    Raises:
+        PoolFitError: naming what does not fit and what the cluster has.
+    """
+    n = int(config.num_actors or 1)
+    gpa, cpa = float(config.gpus_per_actor or 0.0), float(config.cpus_per_actor or 0.0)
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    problems = []
+    if n * gpa > gpus + 1e-9:
+        problems.append(f"{n} actors x {gpa:g} GPU = {n * gpa:g} GPUs, the cluster has {gpus:g}")
+    if n * cpa > cpus + 1e-9:
+        problems.append(f"{n} actors x {cpa:g} CPU = {n * cpa:g} CPUs, the cluster has {cpus:g}")
+    if nodes and not problems:
+        per_node = [min(_fits(nd.get("CPU", 0.0), cpa), _fits(nd.get("GPU", 0.0), gpa))
+                    for nd in nodes]
+        sizes = ", ".join(f"{nd.get('CPU', 0):g} CPU/{nd.get('GPU', 0):g} GPU" for nd in nodes)
+        if max(per_node) < 1:
+            problems.append(f"one actor ({cpa:g} CPU, {gpa:g} GPU) fits on no node "
+                            f"(nodes: {sizes})")
+        elif sum(per_node) < n:
+            problems.append(f"{n} actors of {cpa:g} CPU, {gpa:g} GPU: the nodes ({sizes}) "
+                            f"hold only {int(sum(per_node))}")
+    if problems:
+        raise PoolFitError("the actor pool does not fit the cluster: " + "; ".join(problems)
+                           + " (lower --num-actors, --cpus-per-actor or --gpus-per-actor)")
+
+
 class ActorPool:
     """``num_actors`` Ray actors each holding one loaded model.
 
     Args:
         spec: the model every actor loads in its constructor (once).
-        config: resolved resources (:func:`resolve_pool`).
+        config: resolved resources (:func:`resolve_pool`); checked against the cluster
+            (:func:`check_fit`) before any actor is created.
+        task_timeout: seconds one batch may take before its actor is replaced.
     """
 
-    def __init__(self, spec: ModelSpec, config: PoolConfig) -> None:
+    def __init__(self, spec: ModelSpec, config: PoolConfig,
+                 task_timeout: float | None = None) -> None:
         import ray
 
+        check_fit(config, {k: float(v) for k, v in ray.cluster_resources().items()},
+                  node_resources())
         self.config = config
-        use_gpu = bool(config.gpus_per_actor)
-        remote_cls = ray.remote(SegmentWorker).options(
+        self.spec = spec
+        self.task_timeout = TASK_TIMEOUT_S if task_timeout is None else float(task_timeout)
+        self.replaced = 0
+        self._remote = ray.remote(SegmentWorker).options(
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or 0,
             max_restarts=1, max_task_retries=0)
-        threads = max(1, int(config.cpus_per_actor or 1))
-        self.actors = [remote_cls.remote(spec, threads=threads, use_gpu=use_gpu,
-                                         chunk=config.chunk)
-                       for _ in range(int(config.num_actors or 1))]
+        self.actors = [self._new_actor() for _ in range(int(config.num_actors or 1))]
 
-    def signature(self) -> dict[str, Any]:
-        """The first actor's model signature (waits for its model to load; load errors raise)."""
+    def _new_actor(self) -> Any:
+        threads = max(1, int(self.config.cpus_per_actor or 1))
+        return self._remote.remote(self.spec, threads=threads,
+                                   use_gpu=bool(self.config.gpus_per_actor),
+                                   chunk=self.config.chunk,
+                                   poison_case=os.environ.get(POISON_ENV) or None)
+
+    def signature(self, timeout: float | None = None) -> dict[str, Any]:
+        """The model signature all actors share (waits for every model to load).
+
+        Raises:
+            ModelLoadError: an actor could not load the model, the actors did not start within
+                ``timeout`` seconds, or two actors differ (weights, precision, device): one
+                output store must never mix them under one signature.
+        """
         import ray
+        from ray.exceptions import GetTimeoutError
 
+        timeout = STARTUP_TIMEOUT_S if timeout is None else timeout
         try:
-            return ray.get(self.actors[0].signature.remote())
+            sigs = ray.get([a.signature.remote() for a in self.actors], timeout=timeout)
+        except GetTimeoutError as exc:
+            raise ModelLoadError(
+                f"the actors did not load the model within {timeout:g} s (Ray could not place "
+                f"them, or loading hangs); see `ray status` (SEGMOTE_STARTUP_TIMEOUT sets "
+                f"the wait)") from exc
         except Exception as exc:  # noqa: BLE001 - RayActorError & co. wrap the real cause
             lines = [ln for ln in str(exc).splitlines() if ln.strip()]
             cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines
                          else type(exc).__name__)
             raise ModelLoadError(f"the actors could not load the model: {cause.strip()}") from exc
+        for i, sig in enumerate(sigs[1:], 1):
+            if sig != sigs[0]:
+                diff = sorted(k for k in set(sig) | set(sigs[0]) if sig.get(k) != sigs[0].get(k))
+                detail = ", ".join(f"{k}: {sigs[0].get(k)!r} vs {sig.get(k)!r}" for k in diff
+                                   if k in ("device", "bf16_encoder", "torch"))
+                raise ModelLoadError(
+                    f"actor {i} runs another model configuration than actor 0 (differs in "
+                    f"{', '.join(diff)}{'; ' + detail if detail else ''}): one run must not "
+                    f"mix them; make the nodes alike or pass --precision explicitly")
+        return sigs[0]
 
     def info(self) -> list[dict[str, Any]]:
         """Each live actor's host, device and peak memory."""
@@ -162,16 +257,39 @@ class ActorPool:
                 log.warning("actor info unavailable: %s", exc)
         return out
 
+    def _replace(self, i: int, why: str) -> None:
+        """Kill actor ``i`` for good (no Ray restart) and start a fresh one in its place."""
+        import ray
+
+        log.warning("replacing actor %d: %s", i, why)
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - already dead
+            log.debug("kill of actor %d: %s", i, exc)
+        self.actors[i] = self._new_actor()
+        self.replaced += 1
+
+    def _resubmit(self, i: int, pending: dict[Any, tuple[int, SliceTask, float]]) -> None:
+        """Send the batches still queued on the replaced actor ``i`` to its successor (none
+        of their results was taken, so nothing is done twice)."""
+        for ref in [r for r, (j, _, _) in pending.items() if j == i]:
+            _, task, _ = pending.pop(ref)
+            pending[self.actors[i].__call__.remote(task)] = (i, task, time.monotonic())
+
     def run(self, tasks: Iterable[SliceTask]) -> Iterator[SliceBatchResult]:
         """Stream ``tasks`` through the actors; yield one result per task, as they finish.
 
         The iterator is pulled lazily: at most ``num_actors * queue_depth`` tasks are in flight.
+        A batch that raises a poisoning error (a CUDA context that no later call can use) or
+        runs past ``task_timeout`` fails, and its actor is replaced; the others go on.
         """
         import ray
 
+        from .worker import WorkerPoisonedError
+
         source = iter(tasks)
         load = {i: 0 for i in range(len(self.actors))}
-        pending: dict[Any, tuple[int, SliceTask]] = {}
+        pending: dict[Any, tuple[int, SliceTask, float]] = {}
         exhausted = False
         depth = max(1, self.config.queue_depth)
         while True:
@@ -184,21 +302,42 @@ class ActorPool:
                     exhausted = True
                     break
                 i = min(free, key=lambda j: load[j])
-                pending[self.actors[i].__call__.remote(task)] = (i, task)
+                pending[self.actors[i].__call__.remote(task)] = (i, task, time.monotonic())
                 load[i] += 1
             if not pending:
                 return
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            i, task = pending.pop(ready[0])
+            oldest = min(t0 for _, _, t0 in pending.values())
+            wait = max(0.1, min(30.0, self.task_timeout - (time.monotonic() - oldest)))
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+            if not ready:
+                now = time.monotonic()
+                late = {ref for ref, (_, _, t0) in pending.items()
+                        if now - t0 > self.task_timeout}
+                for i in sorted({pending[ref][0] for ref in late}):
+                    for ref in [r for r in late if pending[r][0] == i]:
+                        _, task, _ = pending.pop(ref)
+                        load[i] -= 1
+                        yield _failed(task, f"no result within {self.task_timeout:g} s "
+                                            f"(SEGMOTE_TASK_TIMEOUT); its actor was replaced")
+                    self._replace(i, f"a batch ran past {self.task_timeout:g} s")
+                    self._resubmit(i, pending)
+                continue
+            i, task, _ = pending.pop(ready[0])
             load[i] -= 1
             try:
                 yield ray.get(ready[0])
             except Exception as exc:  # noqa: BLE001 - actor died (OOM kill, node lost)
-                log.warning("worker failed on case %s: %s", task.case_id, exc)
-                yield SliceBatchResult(task.case_id, task.start, None, None, None, 0.0,
-                                  f"worker died on slices {task.start}-"
-                                  f"{task.start + len(task.slices) - 1}: "
-                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                cause = getattr(exc, "cause", None)
+                poisoned = isinstance(exc, WorkerPoisonedError) or isinstance(
+                    cause, WorkerPoisonedError)
+                first = str(cause if poisoned else exc).splitlines()[0][:300]
+                log.warning("worker failed on case %s: %s", task.case_id, first)
+                if poisoned:
+                    self._replace(i, first)
+                    self._resubmit(i, pending)
+                    yield _failed(task, f"{first}; its actor was replaced")
+                else:
+                    yield _failed(task, f"worker died: {type(exc).__name__}: {first}")
 
     def close(self) -> None:
         import ray
@@ -206,3 +345,8 @@ class ActorPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def _failed(task: SliceTask, why: str) -> SliceBatchResult:
+    return SliceBatchResult(task.case_id, task.start, None, None, None, 0.0,
+                            f"slices {task.start}-{task.start + len(task.slices) - 1}: {why}")

@@ -19,9 +19,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModelSpec", "SliceTask", "SliceBatchResult", "SegmentWorker", "peak_rss_mb"]
+__all__ = ["ModelSpec", "SliceTask", "SliceBatchResult", "SegmentWorker", "peak_rss_mb",
+           "WorkerPoisonedError", "NoCudaError"]
 
 log = logging.getLogger(__name__)
+
+# Errors after which a CUDA context is unusable: every later kernel in the process fails too,
+# so the actor must be replaced, not asked again.
+_POISON_MARKERS = ("illegal memory access", "device-side assert", "cuda error: unspecified",
+                   "misaligned address", "an illegal instruction", "cudnn_status_execution_failed",
+                   "cublas_status_execution_failed", "uncorrectable ecc", "launch failure")
+
+
+class WorkerPoisonedError(RuntimeError):
+    """The worker's device is unusable from now on; the pool replaces the actor."""
+
+
+class NoCudaError(RuntimeError):
+    """A GPU was reserved for this worker but its torch cannot use CUDA."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +48,8 @@ class ModelSpec:
             bundled demo model (``segmote_core.load_demo_model``).
         sam_checkpoint: official SAM ``.pth`` the SegMoTE weights sit on (or bare SAM).
         model_type: SAM size when only ``sam_checkpoint`` is given.
-        precision: ``"auto"`` (bf16 autocast on CUDA), ``"bf16"`` or ``"fp32"``.
+        precision: ``"auto"`` (bf16 autocast where the hardware computes bf16 natively:
+            CUDA compute capability >= 8.0, CPUs with AVX512-BF16/AMX), ``"bf16"`` or ``"fp32"``.
         allow_other_base: load the SegMoTE weights on a SAM checkpoint whose sha256 differs
             from the one they record (``--allow-other-base``).
     """
@@ -124,21 +140,33 @@ class SegmentWorker:
     Args:
         spec: the model to load.
         threads: torch intra-op threads for this process (CPU work).
-        use_gpu: put the model on CUDA when a GPU is visible to this process.
+        use_gpu: put the model on CUDA; :class:`NoCudaError` when this torch cannot.
         chunk: slices per encoder call inside ``segment_batch``.
+        poison_case: test hook (``SEGMOTE_TEST_POISON_CASE``): this case's batch acts as a
+            CUDA illegal memory access, after which every call fails (as on a real GPU).
     """
 
     def __init__(self, spec: ModelSpec, *, threads: int = 1, use_gpu: bool = False,
-                 chunk: int = 8) -> None:
+                 chunk: int = 8, poison_case: str | None = None) -> None:
         import torch
 
         from segmote_core.build import load_model
+        from segmote_core.device import configure_cuda
 
         torch.set_num_threads(max(1, int(threads)))
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        if use_gpu and self.device == "cpu":
-            log.warning("GPU requested but CUDA is not available in worker %d; using CPU",
-                        os.getpid())
+        if use_gpu and not torch.cuda.is_available():
+            # Never a silent CPU fallback: the actor would hold its GPU reservation and run
+            # one CPU thread, hours slower, with the warning lost in a worker log.
+            raise NoCudaError(
+                f"a GPU was reserved for worker {os.uname().nodename}:{os.getpid()} but its "
+                f"torch {torch.__version__} cannot use CUDA (CUDA build: {torch.version.cuda}, "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a "
+                f"CUDA build of torch on that node, or run with --gpus-per-actor 0")
+        self.device = "cuda" if use_gpu else "cpu"
+        if use_gpu:
+            configure_cuda()
+        self.poison_case = poison_case
+        self._poisoned: str | None = None
         self.spec = spec
         self.chunk = max(1, int(chunk))
         self.model = load_model(spec.segmote_checkpoint, spec.sam_checkpoint,
@@ -153,6 +181,7 @@ class SegmentWorker:
 
         sig = model_signature(self.model)
         sig["bf16_encoder"] = bool(use_bf16(self.model, self.spec.precision))
+        sig["device"] = self.model.device.type  # CPU and GPU labels differ by rounding
         return sig
 
     def info(self) -> dict[str, Any]:
@@ -165,7 +194,13 @@ class SegmentWorker:
         from segmote_core.qc import segment_with_qc
 
         t0 = time.perf_counter()
+        if self._poisoned:
+            raise WorkerPoisonedError(self._poisoned)
         try:
+            if self.poison_case is not None and task.case_id == self.poison_case:
+                self._poisoned = ("CUDA error: an illegal memory access was encountered "
+                                  "(injected by SEGMOTE_TEST_POISON_CASE)")
+                raise WorkerPoisonedError(self._poisoned)
             slices = np.asarray(task.slices)
             if slices.ndim not in (3, 4) or (slices.ndim == 4 and slices.shape[-1] != 3):
                 raise ValueError(f"slices of shape {slices.shape} are not (B, Y, X) or (B, Y, X, 3)")
@@ -195,8 +230,13 @@ class SegmentWorker:
             labels = masks.astype(dtype) * dtype(task.label_value)
             return SliceBatchResult(task.case_id, task.start, labels, conf, expert,
                                     time.perf_counter() - t0, None, self.name, qc)
+        except WorkerPoisonedError:
+            raise
         except Exception as exc:  # noqa: BLE001 - reported per case, never raised
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            if _is_poisoning(exc):
+                self._poisoned = f"{self.name}: {detail}"
+                raise WorkerPoisonedError(self._poisoned) from exc
             if _is_oom(exc):
                 detail = f"out of memory on {self.device}: {detail} (try a smaller --batch-size)"
                 _free_cuda()
@@ -242,6 +282,11 @@ class SegmentWorker:
                           [largest, np.arange(b)], -1).astype(np.int16)
         return SliceBatchResult(task.case_id, task.start, labels, conf, expert,
                                 time.perf_counter() - t0, None, self.name, None, per)
+
+
+def _is_poisoning(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return not _is_oom(exc) and any(m in text for m in _POISON_MARKERS)
 
 
 def _is_oom(exc: BaseException) -> bool:
