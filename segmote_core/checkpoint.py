@@ -82,7 +82,14 @@ def base_record(model: SegMoTE, kind: str) -> dict[str, Any]:
     else:  # build_segmote / load_segmote set where the SAM weights came from
         record.update(getattr(model, "base_source", None) or RANDOM_ENCODER, kind=kind,
                       model_type=model.config.model_type)
+        if kind != "sam_checkpoint":  # SAM is in the file: where a .pth once lay is not needed
+            record = _without_paths(record)
     return record
+
+
+def _without_paths(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _without_paths(v) if isinstance(v, Mapping) else v
+            for k, v in record.items() if k != "path"}
 
 
 def describe_base(base: Mapping[str, Any]) -> str:
