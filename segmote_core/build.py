@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import Tensor
 
-from .checkpoint import (RANDOM_ENCODER, CheckpointError, check_base, checkpoint_state,
-                         load_sam_state_dict, load_state_strict, read_checkpoint_info,
-                         sam_base_source)
+from .checkpoint import (RANDOM_ENCODER, CheckpointError, check_base, checkpoint_config,
+                         checkpoint_state, load_sam_state_dict, load_state_strict,
+                         read_checkpoint_info, sam_base_source)
 from .config import SegMoTEConfig
 from .modeling import SegMoTE
+from .trained import recorded_parts
 
 __all__ = ["build_sam", "build_segmote", "load_segmote", "load_model", "load_demo_model",
            "demo_model_path",
@@ -166,7 +167,7 @@ def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
     ``allow_other_base`` (:func:`resolve_sam_checkpoint`)."""
     path = Path(path)
     info = read_checkpoint_info(path)
-    config = SegMoTEConfig.from_dict(info["config"])
+    config = checkpoint_config(path, info)  # bounds checked before any module is built
     base = info["base"]["kind"]
     if config.model_type == "lite_medsam":
         from .modeling.lite_medsam import base_record as lite_record
@@ -185,6 +186,7 @@ def load_segmote(path: str | Path, *, sam_checkpoint: str | Path | None = None,
     if base == "embedded":  # keep the provenance of the embedded base for a re-save
         model.base_source = {k: v for k, v in info["base"].items()
                              if k not in ("kind", "model_type")} or {"name": f"{path.name}"}
+    model.trained_parts = frozenset(recorded_parts(info, config))
     model.apply_freezing()
     return model.to(device).eval()
 
@@ -223,7 +225,12 @@ def load_model(segmote_checkpoint: str | Path | None = None,
     if model_type == "lite_medsam":
         return load_lite_medsam(device=device)
     if sam_checkpoint is not None:
-        log.warning("no SegMoTE weights given: expert tokens and PPT are untrained")
-        return build_segmote(SegMoTEConfig(model_type=model_type), sam_checkpoint=sam_checkpoint,
-                             device=device)
+        # Bare SAM: no SegMoTE additions at all (random expert tokens or PPT queries must never
+        # be used as if trained): prompts give SAM's own masks, prompt-free mode is refused.
+        log.info("no SegMoTE weights given: bare SAM (prompted only; SAM's own masks)")
+        model = build_segmote(SegMoTEConfig(model_type=model_type, num_expert_tokens=0,
+                                            num_ppt_queries=0),
+                              sam_checkpoint=sam_checkpoint, device=device)
+        model.trained_parts = frozenset()
+        return model
     return load_demo_model(device=device)

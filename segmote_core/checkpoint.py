@@ -13,19 +13,21 @@ import json
 import logging
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .config import SegMoTEConfig
 from .fileio import atomic_write
 from .modeling import SegMoTE  # type of what save_segmote writes
 
 __all__ = ["CheckpointError", "save_segmote", "read_checkpoint_info", "checkpoint_state",
            "load_state_strict", "upgrade_state_keys", "LEGACY_KEY_PREFIXES", "base_record",
            "check_base", "describe_base", "sam_base_source", "RANDOM_ENCODER",
-           "load_sam_state_dict", "package_versions", "FORMAT_VERSION"]
+           "load_sam_state_dict", "package_versions", "FORMAT_VERSION", "checkpoint_config",
+           "check_finite_tensors"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -118,13 +120,18 @@ def check_base(path: Path, recorded: Mapping[str, Any], actual: Mapping[str, Any
 
 
 def save_segmote(model: SegMoTE, path: str | Path, *, include_base: bool | None = None,
-                 training: Mapping[str, Any] | None = None) -> Path:
+                 training: Mapping[str, Any] | None = None,
+                 trained: Iterable[str] | None = None) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically.
 
     Args:
         include_base: store all of SAM too (default: only for ``tiny``, which has no official
             weights); otherwise users pass the official SAM checkpoint when loading.
         training: a summary of the training data/run, kept in the JSON.
+        trained: the additions that were trained (``"experts"``, ``"ppt"``:
+            :mod:`segmote_core.trained`), recorded so that an untrained PPT is never used for
+            prompt-free segmentation. Default: the model's own ``trained_parts`` when it came
+            from a file, else every addition when ``training`` is given, else none.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -143,6 +150,7 @@ def save_segmote(model: SegMoTE, path: str | Path, *, include_base: bool | None 
         "base": base_record(model, base),
         "decoder_included": base == "embedded" or model.config.train_decoder,
         "training": dict(training or {}),
+        "trained": _trained_record(model, training, trained),
         "versions": package_versions(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +160,38 @@ def save_segmote(model: SegMoTE, path: str | Path, *, include_base: bool | None 
     return path
 
 
+def _trained_record(model: SegMoTE, training: Mapping[str, Any] | None,
+                    trained: Iterable[str] | None) -> list[str]:
+    from .trained import normalise, parts_of
+
+    parts = normalise(trained) if trained is not None else getattr(model, "trained_parts", None)
+    if parts is None:
+        parts = parts_of(model.config) if training else set()
+    return sorted(set(parts) & parts_of(model.config))
+
+
+def checkpoint_config(path: str | Path, info: Mapping[str, Any]) -> SegMoTEConfig:
+    """The model config a checkpoint records, every size field within its bounds, checked
+    before any module is built.
+
+    Raises:
+        CheckpointError: naming the file and the field.
+    """
+    raw = info.get("config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: its JSON has no 'config' object")
+    try:
+        return SegMoTEConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unusable model config: {exc}") from exc
+
+
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """The JSON description stored in a SegMoTE checkpoint (config, base, versions)."""
+    """The JSON description stored in a SegMoTE checkpoint (config, base, versions).
+
+    Raises:
+        CheckpointError: naming the file: unreadable, not JSON, or without config / base.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such SegMoTE checkpoint")
@@ -164,7 +202,17 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     if "segmote" not in meta:
         raise CheckpointError(f"{path}: safetensors file without SegMoTE metadata")
-    info = json.loads(meta["segmote"])
+    try:
+        info = json.loads(meta["segmote"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: its SegMoTE metadata is not valid JSON ({exc})") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or \
+            not isinstance(info.get("base"), dict) or "kind" not in info["base"]:
+        raise CheckpointError(f"{path}: its SegMoTE metadata lacks the 'config' and 'base' "
+                              f"objects (a damaged or foreign file)")
+    if not isinstance(info.get("format_version", 0), int):
+        raise CheckpointError(f"{path}: format_version {info.get('format_version')!r} is not "
+                              f"a number")
     if info.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {info['format_version']} is newer than "
                               f"this segmote ({FORMAT_VERSION}); upgrade segmote")
@@ -213,9 +261,25 @@ def checkpoint_state(path: str | Path, info: Mapping[str, Any],
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not fit {info['config'].get('model_type')}: missing "
                               f"keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    check_finite_tensors(tensors, path)
     state = dict(model_state)
     state.update(tensors)
     return state
+
+
+def check_finite_tensors(tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights holding NaN or infinity: such a model runs, and every mask is empty.
+
+    Raises:
+        CheckpointError: naming ``source`` and the tensors.
+    """
+    bad = [k for k, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values "
+                              f"({', '.join(sorted(bad)[:8])}{' ...' if len(bad) > 8 else ''}):"
+                              f" the weights are damaged (or training diverged); use another "
+                              f"checkpoint")
 
 
 def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor],
@@ -262,4 +326,5 @@ def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "sam."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    check_finite_tensors(state, path)
     return state

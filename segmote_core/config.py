@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["EncoderPreset", "ENCODER_PRESETS", "SegMoTEConfig"]
+__all__ = ["EncoderPreset", "ENCODER_PRESETS", "SegMoTEConfig", "SIZE_BOUNDS"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,16 @@ ENCODER_PRESETS: dict[str, EncoderPreset] = {
     # embed_dim is the width of the TinyViT stage that feeds the HQ fusion (stage index 1).
     "lite_medsam": EncoderPreset(160, 4, 0, (1,), patch_size=4, image_size=256),
 }
+
+
+#: bounds of every size field (inclusive): far above any real model, far below what would
+#: exhaust memory while building one.
+SIZE_BOUNDS: dict[str, tuple[int, int]] = {
+    "image_size": (32, 4096), "num_expert_tokens": (0, 64), "num_experts": (1, 64),
+    "top_k": (1, 64), "expert_rank": (1, 4096), "num_ppt_queries": (0, 64),
+    "ppt_heads": (1, 64),
+}
+MAX_VOCABULARY = 10000
 
 
 @dataclass(frozen=True)
@@ -81,10 +91,11 @@ class SegMoTEConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        if self.model_type not in ENCODER_PRESETS:
+        if not isinstance(self.model_type, str) or self.model_type not in ENCODER_PRESETS:
             raise ValueError(
                 f"model_type must be one of {sorted(ENCODER_PRESETS)}, got {self.model_type!r}"
             )
+        self._check_bounds()
         size = self.resolved_image_size
         if size % self.preset.patch_size or size <= 0:
             raise ValueError(f"image_size {size} is not a positive multiple of the patch size "
@@ -97,6 +108,20 @@ class SegMoTEConfig:
             raise ValueError(f"text_encoder must be 'learned', 'minilm' or 'none', "
                              f"got {self.text_encoder!r}")
         object.__setattr__(self, "vocabulary", tuple(self.vocabulary))
+
+    def _check_bounds(self) -> None:
+        """Every size field within its bounds, before any module is built: a config read from a
+        file (``num_experts: 200000``) must not allocate gigabytes before it is refused."""
+        for name, (lo, hi) in SIZE_BOUNDS.items():
+            value = getattr(self, name)
+            if name == "image_size" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if not isinstance(self.vocabulary, (list, tuple)) or len(self.vocabulary) > MAX_VOCABULARY \
+                or not all(isinstance(v, str) and 0 < len(v) <= 200 for v in self.vocabulary):
+            raise ValueError(f"vocabulary must be at most {MAX_VOCABULARY} names of 1-200 "
+                             f"characters, got {str(self.vocabulary)[:120]}")
 
     @property
     def preset(self) -> EncoderPreset:

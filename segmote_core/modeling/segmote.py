@@ -78,6 +78,9 @@ class SegMoTE(nn.Module):
         super().__init__()
         self.sam = sam
         self.config = config
+        # which additions were trained (segmote_core.trained): set by whoever loads the model
+        # from a file; None for a model built in code (to be trained), which is never refused
+        self.trained_parts: frozenset[str] | None = None
         dim = config.preset.prompt_dim
         self.expert_decoder = SegMoTEMaskDecoder(
             dim=dim, depth=len(sam.mask_decoder.transformer.layers),
@@ -229,6 +232,12 @@ class SegMoTE(nn.Module):
         """
         if auto and (points is not None or boxes is not None):
             raise ValueError("auto=True (PPT) replaces point and box prompts: give neither")
+        if auto and not self.training:
+            from ..trained import UntrainedModelError, auto_unavailable
+
+            reason = auto_unavailable(self)
+            if reason:  # random PPT queries would segment noise and report it done
+                raise UntrainedModelError(reason)
         if auto and self.ppt is None:
             raise ValueError("this model has no PPT module (num_ppt_queries=0): auto is unavailable")
         emb = features.image_embeddings
@@ -262,7 +271,9 @@ class SegMoTE(nn.Module):
         masks, iou = raw.sam_masks[:, sam_slice], raw.iou_predictions[:, sam_slice]
         token = expert = conf = weights = heat = None
         balance = raw.sam_masks.new_zeros(())
-        if raw.expert_masks is not None:
+        experts = raw.expert_masks is not None and (
+            self.training or self.trained_parts is None or "experts" in self.trained_parts)
+        if experts:  # untrained experts: SAM's own mask, never the random expert path
             last = raw.routings[-1]
             token, expert, weights = last.selected_token, last.selected_expert, last.token_weights
             rows = torch.arange(token.shape[0], device=token.device)

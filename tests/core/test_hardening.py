@@ -97,3 +97,145 @@ def test_lock_of_another_host_is_explained_not_taken(tmp_path):
     with pytest.raises(StoreLockedError, match="unknown process"):
         StoreLock(store, "segmote batch")
     assert lock_path(store).exists()                       # never removed on a guess
+
+
+# ------------------------------------------------------------ checkpoints
+def _tiny(seed: int = 0):
+    from segmote_core import SegMoTEConfig, build_segmote
+
+    torch.manual_seed(seed)
+    return build_segmote(SegMoTEConfig(model_type="tiny", image_size=128)).eval()
+
+
+def _slices(n: int = 2, size: int = 48):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 10, (n, size, size)).astype(np.float32)
+    img[:, 12:36, 10:30] += 100
+    return img
+
+
+def test_a_checkpoint_with_one_nan_weight_is_refused_at_load(tmp_path):
+    """It loaded and gave empty masks everywhere, exit 0."""
+    from segmote_core import CheckpointError, load_segmote, save_segmote
+
+    model = _tiny()
+    with torch.no_grad():
+        model.sam.mask_decoder.iou_prediction_head.layers[0].weight[0, 0] = float("nan")
+    path = save_segmote(model, tmp_path / "nan.safetensors", training={"steps": 1})
+    with pytest.raises(CheckpointError) as err:
+        load_segmote(path)
+    msg = str(err.value)
+    assert str(path) in msg and "iou_prediction_head.layers.0.weight" in msg and "NaN" in msg
+
+
+def test_non_finite_logits_at_run_time_fail_with_that_reason():
+    from pipeline.worker import ModelSpec, SegmentWorker, SliceTask
+    from segmote_core.inference import segment_batch
+
+    model = _tiny()
+    with torch.no_grad():
+        model.sam.mask_decoder.output_upscaling[0].bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite mask logits"):
+        segment_batch(model, _slices(), "CT", precision="fp32")
+    worker = SegmentWorker.__new__(SegmentWorker)  # the real worker around this model
+    worker.model, worker.spec, worker.chunk = model, ModelSpec(precision="fp32"), 8
+    worker.device, worker.name = "cpu", "test"
+    res = worker(SliceTask("c", 0, _slices(), "CT"))
+    assert res.labels is None and "non-finite mask logits" in res.error
+
+
+def test_every_size_field_of_a_checkpoint_config_is_bounded_before_building(tmp_path):
+    """A checkpoint JSON with num_experts: 200000 allocated gigabytes before any check."""
+    import json
+    import time
+    import tracemalloc
+
+    from safetensors.torch import save_file
+
+    from segmote_core import CheckpointError, SegMoTEConfig, load_segmote
+
+    for field, value in (("num_experts", 200000), ("num_expert_tokens", 10 ** 6),
+                         ("expert_rank", 10 ** 7), ("num_ppt_queries", 10 ** 6),
+                         ("ppt_heads", 0), ("image_size", 2 ** 20), ("top_k", 99)):
+        with pytest.raises(ValueError, match=field):
+            SegMoTEConfig(model_type="tiny", **{field: value})
+    config = SegMoTEConfig(model_type="tiny").to_dict()
+    config["num_experts"] = 200000
+    info = {"format": "segmote", "format_version": 1, "config": config,
+            "base": {"kind": "embedded", "model_type": "tiny"}, "training": {}}
+    path = tmp_path / "huge.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"segmote": json.dumps(info)})
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"huge\.safetensors.*num_experts"):
+        load_segmote(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert time.perf_counter() - t0 < 5 and peak < 50 * 2 ** 20
+
+
+def test_malformed_checkpoint_json_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from segmote_core import CheckpointError, load_segmote
+
+    for i, meta in enumerate(("{not json", '{"format": "segmote"}', '["a list"]',
+                              '{"format": "segmote", "config": {"model_type": 7}}')):
+        path = tmp_path / f"bad{i}.safetensors"
+        save_file({"x": torch.zeros(1)}, str(path), metadata={"segmote": meta})
+        with pytest.raises(CheckpointError, match=f"bad{i}\\.safetensors"):
+            load_segmote(path)
+
+
+# ------------------------------------------------------------ which parts are trained
+def test_a_model_knows_which_parts_were_trained(tmp_path):
+    """Official SAM weights with no SegMoTE weights ran PPT auto with random queries: an X-ray
+    came back 'done', half labelled. Now auto refuses an untrained model, saying what to do,
+    and prompted paths of an untrained model give SAM's own mask."""
+    from segmote_core import load_segmote, save_segmote
+    from segmote_core.inference import segment_batch
+    from segmote_core.trained import UntrainedModelError, auto_unavailable, trained_parts
+
+    model = _tiny()
+    trained = load_segmote(save_segmote(model, tmp_path / "t.safetensors",
+                                        training={"steps": 10}))
+    assert trained_parts(trained) == {"experts", "ppt"} and auto_unavailable(trained) is None
+    assert segment_batch(trained, _slices(), "CT", precision="fp32").masks.shape == (2, 48, 48)
+    raw = load_segmote(save_segmote(model, tmp_path / "u.safetensors"))  # saved untrained
+    assert trained_parts(raw) == set()
+    reason = auto_unavailable(raw)
+    assert "--mode box" in reason and "docs/training.md" in reason
+    with pytest.raises(UntrainedModelError, match="--mode box"):
+        segment_batch(raw, _slices(), "CT", precision="fp32")
+    import numpy as np
+
+    boxes = np.array([[10, 12, 30, 36]] * 2, np.float32)
+    got = segment_batch(raw, _slices(), "CT", boxes=boxes, precision="fp32")
+    assert np.isnan(got.confidence).all() and (got.expert == -1).all()  # SAM's mask, no expert
+    feats = raw.encode(torch.zeros(1, 3, 128, 128))
+    out = raw.decode(feats, boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]))
+    torch.testing.assert_close(out.low_res_masks, out.sam_masks[:, :1])
+
+
+def test_bare_sam_is_stock_sam_and_refuses_auto(tmp_path):
+    from segmote_core import SegMoTEConfig
+    from segmote_core.build import build_sam, load_model
+    from segmote_core.inference import segment_batch
+    from segmote_core.trained import UntrainedModelError, trained_parts
+
+    torch.manual_seed(0)
+    sam = build_sam(SegMoTEConfig(model_type="tiny"))
+    torch.save(sam.state_dict(), tmp_path / "sam_tiny.pth")
+    model = load_model(sam_checkpoint=tmp_path / "sam_tiny.pth", model_type="tiny")
+    assert trained_parts(model) == set() and model.ppt is None
+    with pytest.raises(UntrainedModelError, match="bare SAM"):
+        segment_batch(model, _slices(), "XR", precision="fp32")
+    feats = model.encode(torch.zeros(1, 3, 256, 256))
+    box = torch.tensor([[10.0, 12.0, 120.0, 140.0]])
+    out = model.decode(feats, boxes=box)
+    sparse, dense = sam.prompt_encoder(points=None, boxes=box, masks=None)
+    low, _ = sam.mask_decoder(feats.image_embeddings, sam.prompt_encoder.get_dense_pe(), sparse,
+                              dense, multimask_output=False)
+    torch.testing.assert_close(out.low_res_masks, low, atol=1e-4, rtol=1e-4)

@@ -17,14 +17,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """The real tiny SegMoTE (random weights, 128 px input for speed) saved with the core's
-    ``save_segmote``; the router gate is randomised so confidence and experts vary by slice."""
+    ``save_segmote``, recorded as trained; the router gate is randomised so confidence and
+    experts vary by slice."""
     torch.manual_seed(seed)
     model = build_segmote(SegMoTEConfig(model_type="tiny", image_size=128))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("w_gate"):
                 p.normal_(0.0, 0.1)
-    return save_segmote(model, path)
+    # recorded as trained: these random weights stand in for a trained model (an untrained
+    # checkpoint is refused for prompt-free segmentation)
+    return save_segmote(model, path, training={"note": "random weights standing in for a "
+                                                       "trained model (tests)"})
 
 
 def corrupt_chunk(cohort: Path, case_id: str, z: int) -> Path:

@@ -255,3 +255,20 @@ def test_a_report_that_cannot_be_written_is_said_plainly(tmp_path):
     assert not summary.ok and summary.report == ""
     assert "Operation not permitted" in summary.report_error
     assert "rerun the same command" in summary.report_error
+
+
+def test_untrained_model_in_auto_mode_exits_2_before_ray_saying_what_to_do(tmp_path, cohort):
+    """`segmote batch COHORT OUT --sam-checkpoint sam.pth` ran PPT with random queries: an
+    X-ray came back 'done', half labelled, exit 0. Now: exit 2 before Ray starts, saying to use
+    --mode box or to train first (docs/training.md)."""
+    import torch
+
+    from segmote_core import SegMoTEConfig
+    from segmote_core.build import build_sam
+
+    torch.save(build_sam(SegMoTEConfig(model_type="tiny")).state_dict(), tmp_path / "sam.pth")
+    r = _batch(str(cohort), str(tmp_path / "out.zarr"), "--sam-checkpoint",
+               str(tmp_path / "sam.pth"), "--model-type", "tiny", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "--mode box" in r.stderr and "docs/training.md" in r.stderr
+    assert "ray" not in r.stderr.lower() and not (tmp_path / "out.zarr").exists()

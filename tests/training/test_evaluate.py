@@ -90,7 +90,9 @@ def test_cli_evaluate_writes_tables_and_figures(tiny_cohort, tmp_path):
     torch.manual_seed(0)
     model = build_segmote(SegMoTEConfig(model_type="tiny", image_size=64,
                                         vocabulary=("core", "disc", "lesion", "rim")))
-    ckpt = save_segmote(model, tmp_path / "m.safetensors")
+    # recorded as trained: the random weights stand in for a trained model (evaluation runs
+    # prompt-free segmentation, which an untrained checkpoint is refused)
+    ckpt = save_segmote(model, tmp_path / "m.safetensors", trained=("experts", "ppt"))
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     register_train(sub)
