@@ -44,7 +44,8 @@ def make_model(path: Path, image_size: int) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("w_gate"):
                 p.normal_(0.0, 0.1)
-    return save_segmote(model, path)
+    # recorded as trained: random weights stand in for a trained model (timing only)
+    return save_segmote(model, path, trained=("experts", "ppt"))
 
 
 def bare_loop(cohort: Path, out: Path, ckpt: Path, batch_size: int, threads: int) -> dict:

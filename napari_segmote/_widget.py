@@ -15,6 +15,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, Pu
 from napari.utils.notifications import show_error
 from superqt.utils import create_worker  # the QThread worker napari's own wraps
 
+from segmote_core.trained import auto_unavailable
 from segmote_core.transforms import CT_WINDOWS
 
 from ._controller import AnnotatorController
@@ -133,11 +134,14 @@ class SegMoTEWidget(Container):
 
     def _on_model(self, model: Any) -> None:
         self.category.reset_choices()
-        # A model without PPT (LiteMedSAM alone) has no prompt-free mode.
-        has_ppt = getattr(model, "ppt", None) is not None
+        # No prompt-free mode without a trained PPT (LiteMedSAM or SAM alone, a checkpoint
+        # saved untrained): the buttons say why and what to do instead.
+        reason = auto_unavailable(model)
         for button in (self.auto_slice_button, self.auto_volume_button):
-            button.enabled = has_ppt
-            button.tooltip = "" if has_ppt else "this model has no PPT: prompt with a box or points"
+            button.enabled = reason is None
+            button.tooltip = reason or ""
+        if reason:
+            self._set_status(f"Auto (PPT) is off: {reason}")
 
     def _guard(self, func: Callable[..., Any]) -> Callable[..., Any]:
         """Run ``func``; report any exception as a napari error notification."""
