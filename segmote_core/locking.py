@@ -118,6 +118,7 @@ class StoreLock:
         self.purpose = purpose
         self.token = secrets.token_hex(8)
         self.held = False
+        self.pid = os.getpid()  # a forked child's copy never releases its parent's lock
         self._acquire()
 
     def _record(self) -> dict[str, Any]:
@@ -194,7 +195,7 @@ class StoreLock:
 
     def release(self) -> None:
         """Remove the lock file, if it is still this lock's."""
-        if not self.held:
+        if not self.held or os.getpid() != self.pid:
             return
         self.held = False
         holder = read_lock(self.path)

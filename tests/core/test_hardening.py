@@ -239,3 +239,17 @@ def test_bare_sam_is_stock_sam_and_refuses_auto(tmp_path):
     low, _ = sam.mask_decoder(feats.image_embeddings, sam.prompt_encoder.get_dense_pe(), sparse,
                               dense, multimask_output=False)
     torch.testing.assert_close(out.low_res_masks, low, atol=1e-4, rtol=1e-4)
+
+
+def test_a_forked_child_never_releases_its_parents_lock(tmp_path):
+    store = tmp_path / "s.zarr"
+    with StoreLock(store, "segmote batch") as lock:
+        pid = os.fork()
+        if pid == 0:  # the child drops its copy of the lock object, then exits
+            lock.release()
+            del lock
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert lock_path(store).exists() and json.loads(
+            lock_path(store).read_text())["pid"] == os.getpid()
+    assert not lock_path(store).exists()
