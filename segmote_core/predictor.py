@@ -23,19 +23,19 @@ __all__ = ["SegMoTEPredictor", "Prediction", "use_bf16", "model_signature"]
 def use_bf16(model: SegMoTE, precision: str = "auto") -> bool:
     """Whether the encoder runs under bf16 autocast: ``"bf16"``, ``"fp32"`` or ``"auto"``.
 
-    ``auto``: on CUDA with bf16 support, and on CPUs with native bf16 (AVX512-BF16 / AMX) for
-    the ViT-B/L/H encoders (the tiny encoder is too small to gain).
+    ``auto``: where the hardware computes bf16 natively (:func:`segmote_core.device.bf16_native`:
+    CUDA compute capability >= 8.0, CPUs with AVX512-BF16 / AMX); on the CPU only for the
+    ViT-B/L/H encoders (the small encoders gain nothing there).
     """
+    from .device import bf16_native
+
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     if precision != "auto":
         return precision == "bf16"
-    if model.device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if model.config.model_type in ("tiny", "lite_medsam"):  # small encoders gain nothing
+    if model.device.type == "cpu" and model.config.model_type in ("tiny", "lite_medsam"):
         return False
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "AVX512" in cap or "AMX" in cap
+    return bf16_native(model.device)
 
 
 def model_signature(model: SegMoTE) -> dict[str, Any]:

@@ -76,10 +76,19 @@ class MoTERouter(nn.Module):
         self.proj = nn.Linear(rank, dim)
 
     def route(self, x: Tensor) -> RoutingResult:
-        """Gate expert tokens ``x`` of shape (B, T, C); noise only in training mode."""
-        clean = x @ self.w_gate
+        """Gate expert tokens ``x`` of shape (B, T, C); noise only in training mode.
+
+        Always in float32, autocast or not: the gates are a few (B, T, E) numbers, and under
+        CUDA autocast bf16 logits would meet an fp32 softmax in the scatter below (a dtype
+        error) and near-ties in bf16 would flip the selected token.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(x.float())
+
+    def _route(self, x: Tensor) -> RoutingResult:
+        clean = x @ self.w_gate.float()
         if self.training:
-            std = F.softplus(x @ self.w_noise) + 1e-2
+            std = F.softplus(x @ self.w_noise.float()) + 1e-2
             logits = clean + torch.randn_like(clean) * std
         else:
             logits = clean

@@ -1,0 +1,95 @@
+"""Device and precision choices, the fp32 positional encoding and the bf16-autocast decode,
+checked on the CPU (CPU autocast runs the same dtype rules as CUDA autocast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segmote_core.device import (DEVICE_CHOICES, best_device, bf16_native, cpu_bf16_native,
+                                 resolve_device)
+from segmote_core.modeling import ImageFeatures
+from segmote_core.predictor import use_bf16
+
+
+def test_best_device_on_this_machine():
+    want = "cuda" if torch.cuda.is_available() else (
+        "mps" if torch.backends.mps.is_available() else "cpu")
+    assert best_device().type == want
+    assert resolve_device("auto") == best_device() and resolve_device(None) == best_device()
+    assert resolve_device("cpu").type == "cpu"
+    assert DEVICE_CHOICES == ("auto", "cuda", "mps", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_says_so():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    assert bf16_native("cuda") is False
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_device("xla")
+
+
+def test_bf16_auto_follows_the_hardware(tiny_model_256):
+    """``auto`` asks the device helper; the small encoders never take bf16 on the CPU; an
+    explicit choice wins."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert cpu_bf16_native() == ("AMX" in cap or _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16"))
+    assert bf16_native("cpu") == cpu_bf16_native()
+    assert use_bf16(tiny_model_256, "auto") is False
+    assert use_bf16(tiny_model_256, "bf16") is True and use_bf16(tiny_model_256, "fp32") is False
+
+
+def _cpu_flag(name: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return name in f.read()
+    except OSError:
+        return False
+
+
+def test_dense_pe_is_fp32_under_autocast_and_cached_so(tiny_model_256):
+    """Before: under autocast the PE was computed in bf16 and cached, and a later fp32 decode
+    reused the bf16 copy (max error ~0.1)."""
+    model = tiny_model_256.eval()
+    with torch.no_grad():
+        ref = model.sam.prompt_encoder.get_dense_pe()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pe_auto = model.dense_pe()
+        pe_later = model.dense_pe()
+    assert pe_auto.dtype == torch.float32 and pe_later.dtype == torch.float32
+    assert float((pe_auto - ref).abs().max()) < 1e-6
+    assert float((pe_later - ref).abs().max()) < 1e-6
+    # with gradients (training) too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pe_train = model.dense_pe()
+    assert pe_train.dtype == torch.float32
+    assert float((pe_train.detach() - ref).abs().max()) < 1e-6
+
+
+def test_eval_decode_under_bf16_autocast(tiny_model_256):
+    """Before: the router ran in bf16 under autocast; on CUDA (whose autocast runs softmax in
+    fp32) its scatter then failed in eval (bf16 logits, fp32 gates). Now it routes in fp32."""
+    model = tiny_model_256.eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("w_gate"):
+                p.normal_(0.0, 0.1)
+    s = model.config.embedding_size
+    feats = ImageFeatures(torch.randn(2, model.config.preset.prompt_dim, s, s), None)
+    if model.needs_interm:
+        feats = ImageFeatures(feats.image_embeddings,
+                              torch.randn(2, s, s, model.sam.image_encoder.patch_embed.proj
+                                          .out_channels))
+    boxes = torch.tensor([[10.0, 10, 120, 120], [30.0, 40, 200, 180]])
+    with torch.no_grad():
+        ref = model.decode(feats, boxes=boxes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.decode(feats, boxes=boxes)
+    assert out.selected_expert is not None
+    for routing in out.routings:  # the router decides in fp32 whatever autocast says
+        assert routing.logits.dtype == torch.float32 and routing.gates.dtype == torch.float32
+    assert torch.equal(out.selected_expert, ref.selected_expert)
+    agree = ((out.low_res_masks[:, 0] > 0) == (ref.low_res_masks[:, 0] > 0)).float().mean()
+    assert float(agree) > 0.97
