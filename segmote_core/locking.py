@@ -104,7 +104,7 @@ class StoreLock:
     """An exclusive lock on one store (a context manager; :meth:`release` also works).
 
     Args:
-        store: the store's path (need not exist yet; its parent folder must).
+        store: the store's path (need not exist yet; missing parent folders are created).
         purpose: what the holder does, shown to a second writer (``"segmote batch"``).
     Raises:
         StoreLockedError: another live process holds it, or its holder cannot be checked.
@@ -128,6 +128,11 @@ class StoreLock:
                 "store": str(self.store.resolve())}
 
     def _acquire(self) -> None:
+        try:  # the store's folder, as the store itself would create it
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot create the folder of {self.store} "
+                                       f"({exc.strerror})") from exc
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -253,3 +253,8 @@ def test_a_forked_child_never_releases_its_parents_lock(tmp_path):
         assert lock_path(store).exists() and json.loads(
             lock_path(store).read_text())["pid"] == os.getpid()
     assert not lock_path(store).exists()
+
+
+def test_lock_creates_the_stores_folder_as_the_store_would(tmp_path):
+    with StoreLock(tmp_path / "new" / "deeper" / "c.zarr", "segmote ingest") as lock:
+        assert lock.path == tmp_path / "new" / "deeper" / "c.zarr.lock" and lock.path.exists()
