@@ -1,17 +1,31 @@
 """Per-slice encoder outputs in a zarr store, signed so stale embeddings are never returned.
 
-The store's attrs hold a signature: the model (config + a hash of every weight, from
-:meth:`SegMoTEPredictor.model_signature`), a hash of the image data, and this package's version.
-Opening a store whose signature differs raises
-:class:`~segmote_core.errors.EmbeddingCacheMismatchError` naming what changed (pass
-``overwrite=True`` to start it afresh). Layout::
+The store's attrs hold a signature: the image encoder (what the stored outputs depend on: base,
+input size, which early block feeds the HQ fusion, a hash of the encoder's weights, its
+precision, from :meth:`SegMoTEPredictor.encoder_signature`), a hash of the image data, the
+normalisation and this package's version. A model whose added parts changed (a fine-tune) keeps
+the same encoder, so its cache stays valid: the encoder runs once per slice, ever. Opening a
+store whose signature differs raises :class:`~segmote_core.errors.EmbeddingCacheMismatchError`
+naming what changed (pass ``overwrite=True`` to start it afresh); so does a store of another
+format version. Layout (version 2)::
 
-    cache.zarr/                   attrs {"segmote": {"kind": "embedding_cache", "version": 1,
+    cache.zarr/                   attrs {"segmote": {"kind": "embedding_cache", "version": 2,
                                                      "signature": {...}}}
-      image_embeddings            (Z, C, h, w) float32, one chunk per slice
-      interm_embeddings           (Z, h, w, D) float32 (models with HQ fusion only)
+      image_embeddings            (Z, C, h, w) float16, one chunk per slice
+      interm_coeffs               (Z, h, w, r) float16  } the early ViT features of the HQ
+      interm_basis                (Z, r, D) float16     } fusion (models with HQ fusion only),
+      interm_mean                 (Z, D) float32        } rank r = D / 6 per slice (see below)
       sizes                       (Z, 4) int32: original (Y, X), input (Y, X); a row is written
                                   last, so a non-zero row marks its slice complete
+
+Size at cohort scale: a ViT-B slice held 16 MiB raw in version 1 (float32 embedding, 4 MiB, plus
+the raw 64 x 64 x 768 early block, 12 MiB). The fusion reads that block through a linear layer
+(a 2x2 transposed convolution) and its per-slice spectrum is steep: the principal subspace of
+rank D / 6 keeps >= 99.9 % of its variance on the demo cohort. Storing that subspace (the
+slice's mean, r basis vectors and r coefficients per position) and the embedding in half
+precision makes a ViT-B slice 3.2 MiB raw; the masks agree with the float32 ones at Dice >=
+0.995 (``benchmarks/bench_cache_size.py``). The basis is per slice and does not depend on the
+model's trainable parts, so fine-tuned models reuse the cache.
 """
 
 from __future__ import annotations
@@ -30,11 +44,62 @@ from .errors import EmbeddingCacheMismatchError
 from .io.image import MedicalImage, array_of
 from .progress import CancelToken, ProgressCallback, report
 
-__all__ = ["EmbeddingCache", "EmbeddingCacheMismatchError", "data_signature", "CACHE_VERSION"]
+__all__ = ["EmbeddingCache", "EmbeddingCacheMismatchError", "data_signature", "CACHE_VERSION",
+           "compress_interm", "restore_interm", "interm_rank"]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+#: The early-feature subspace kept per slice: rank = channels // INTERM_RANK_DIVISOR.
+INTERM_RANK_DIVISOR = 6
+_F16_MAX = float(np.finfo(np.float16).max)
+_ARRAYS = ("image_embeddings", "interm_coeffs", "interm_basis", "interm_mean", "sizes")
+
+
+def interm_rank(channels: int) -> int:
+    """The rank the cache keeps of an early-feature block with ``channels`` channels."""
+    return max(1, int(channels) // INTERM_RANK_DIVISOR)
+
+
+def compress_interm(interm: np.ndarray, rank: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(h, w, D) features -> float16 coefficients (h, w, r), float16 basis (r, D), float32 mean.
+
+    The basis is the top-``r`` eigenvectors of the slice's channel covariance (its principal
+    subspace), so ``coeffs @ basis + mean`` is the best rank-r approximation in squared error.
+    """
+    import torch
+
+    x = np.asarray(interm, dtype=np.float32)
+    h, w, d = x.shape
+    r = min(d, rank or interm_rank(d))
+    flat = torch.from_numpy(x.reshape(-1, d)).double()
+    mean = flat.mean(0)
+    centred = flat - mean
+    _, vecs = torch.linalg.eigh(centred.T @ centred)       # ascending eigenvalues
+    basis = vecs[:, -r:].flip(1).T.float()                  # (r, D), largest first
+    basis16 = basis.half()
+    coeffs = centred.float() @ basis16.float().T            # project on the basis as stored
+    if coeffs.abs().max() > _F16_MAX:
+        raise ValueError("early features overflow float16; they cannot be cached")
+    return (coeffs.reshape(h, w, r).half().numpy(), basis16.numpy(),
+            mean.float().numpy())
+
+
+def restore_interm(coeffs: np.ndarray, basis: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The (h, w, D) float32 features of :func:`compress_interm`'s parts."""
+    c = np.asarray(coeffs, dtype=np.float32)
+    out = c.reshape(-1, c.shape[-1]) @ np.asarray(basis, dtype=np.float32)
+    out += np.asarray(mean, dtype=np.float32)
+    return out.reshape(*c.shape[:-1], -1)
+
+
+def _half(a: Any, name: str) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    if a.size and np.abs(a).max() > _F16_MAX:
+        raise ValueError(f"{name} overflow float16; they cannot be cached")
+    return a.astype(np.float16)
 
 
 def _n_slices(volume: Any) -> tuple[int, bool]:
@@ -122,12 +187,20 @@ class EmbeddingCache:
                 seg = dict(root.attrs).get("segmote") or {}
             except Exception as exc:  # not a zarr group at all
                 seg, root = {"kind": f"unreadable ({type(exc).__name__})"}, None
-            if seg.get("kind") != "embedding_cache" or seg.get("signature") != self.signature:
+            stale = (seg.get("kind") != "embedding_cache" or seg.get("version") != CACHE_VERSION
+                     or seg.get("signature") != self.signature)
+            if stale:
                 if not overwrite:
                     if seg.get("kind") != "embedding_cache":
                         raise EmbeddingCacheMismatchError(
                             f"{self.path}: not a SegMoTE embedding cache (kind "
                             f"{seg.get('kind')!r}); choose another path")
+                    if seg.get("version") != CACHE_VERSION:
+                        raise EmbeddingCacheMismatchError(
+                            f"{self.path}: embedding cache of format version "
+                            f"{seg.get('version')!r}; this segmote reads version {CACHE_VERSION} "
+                            f"(half-precision embeddings, compressed early features). Delete "
+                            f"it or open with overwrite=True to recompute")
                     raise EmbeddingCacheMismatchError(
                         f"{self.path}: embedding cache was computed for other inputs: "
                         f"{_describe_diff(seg.get('signature') or {}, self.signature)}. Delete "
@@ -137,7 +210,7 @@ class EmbeddingCache:
                 root = None
             if root is not None:
                 self.root = root
-                for name in ("image_embeddings", "interm_embeddings", "sizes"):
+                for name in _ARRAYS:
                     if name in root:
                         self._arrays[name] = root[name]
                 return
@@ -156,7 +229,7 @@ class EmbeddingCache:
         when the caller knows them (an RGB stack's slice count; a hash already computed).
         """
         n = _n_slices(volume)[0] if n_slices is None else int(n_slices)
-        sig = {"model": predictor.model_signature(),
+        sig = {"encoder": predictor.encoder_signature(),
                "data_sha256": data_sha256 or data_signature(volume),
                "modality": str(modality), "window": window}
         return cls(path, sig, n_slices=n, overwrite=overwrite)
@@ -165,14 +238,17 @@ class EmbeddingCache:
                          window: Any = None) -> None:
         """Refuse to fill this cache with embeddings of another model or normalisation.
 
-        Compares ``predictor.model_signature()``, ``modality`` and ``window`` with the
-        ``"model"``, ``"modality"`` and ``"window"`` entries of the signature (those present).
+        Compares ``predictor.encoder_signature()`` (``model_signature()`` for a store signed
+        with a whole model), ``modality`` and ``window`` with the ``"encoder"`` (``"model"``),
+        ``"modality"`` and ``"window"`` entries of the signature (those present).
         Raises:
             EmbeddingCacheMismatchError: naming the entries that differ.
         """
         given: dict[str, Any] = {"modality": None if modality is None else str(modality),
                                  "window": window}
-        if predictor is not None and hasattr(predictor, "model_signature"):
+        if predictor is not None and hasattr(predictor, "encoder_signature"):
+            given["encoder"] = predictor.encoder_signature()
+        if predictor is not None and "model" in self.signature:
             given["model"] = predictor.model_signature()
         stored = {k: self.signature[k] for k in given if k in self.signature}
         wanted = _normalise({k: given[k] for k in stored})
@@ -181,41 +257,62 @@ class EmbeddingCache:
                                               f"differ from the cache's signature: {k_diff}")
 
     # ------------------------------------------------------------------ storage
-    def _ensure(self, z: int, emb: dict[str, Any]) -> None:
+    def _create(self, name: str, shape: tuple[int, ...], dtype: Any, n: int) -> None:
+        if name not in self._arrays:
+            self._arrays[name] = self.root.create_array(
+                name, shape=(n, *shape), dtype=dtype, chunks=(1, *shape), fill_value=0)
+        elif tuple(self._arrays[name].shape[1:]) != tuple(shape):
+            raise ValueError(f"{self.path}: {name} of shape {tuple(shape)} does not match "
+                             f"the cache's {tuple(self._arrays[name].shape[1:])}")
+
+    def _ensure(self, z: int, parts: dict[str, np.ndarray]) -> None:
         n = max(int(self.n_slices or 0), z + 1)
         with self._lock:
-            for name in ("image_embeddings", "interm_embeddings"):
-                if name not in emb:
-                    continue
-                arr = np.asarray(emb[name])
-                if name not in self._arrays:
-                    self._arrays[name] = self.root.create_array(
-                        name, shape=(n, *arr.shape), dtype=np.float32, chunks=(1, *arr.shape),
-                        fill_value=0.0)
-                elif tuple(self._arrays[name].shape[1:]) != arr.shape:
-                    raise ValueError(f"{self.path}: {name} of shape {arr.shape} does not match "
-                                     f"the cache's {tuple(self._arrays[name].shape[1:])}")
-            if "sizes" not in self._arrays:
-                self._arrays["sizes"] = self.root.create_array(
-                    "sizes", shape=(n, 4), dtype=np.int32, chunks=(1, 4), fill_value=0)
+            for name, arr in parts.items():
+                self._create(name, arr.shape, arr.dtype, n)
+            self._create("sizes", (4,), np.int32, n)
             for arr in self._arrays.values():
                 if arr.shape[0] <= z:
                     arr.resize((z + 1, *arr.shape[1:]))
 
-    def put(self, z: int, embedding: dict[str, Any]) -> None:
-        """Store slice ``z``'s :meth:`SegMoTEPredictor.get_embedding` dict."""
+    def put(self, z: int, embedding: dict[str, Any]) -> dict[str, Any]:
+        """Store slice ``z``'s :meth:`SegMoTEPredictor.get_embedding` dict (half precision,
+        the early features as their principal subspace: module docstring).
+
+        Returns the embedding as :meth:`get` will give it back, so a caller that goes on with
+        it gets the same masks now as from the cache later."""
         z = int(z)
         if z < 0:
             raise IndexError(f"{self.path}: negative slice index {z}")
-        self._ensure(z, embedding)
-        for name in ("image_embeddings", "interm_embeddings"):
-            if name in embedding:
-                self._arrays[name][z] = np.asarray(embedding[name], dtype=np.float32)
+        try:
+            parts = {"image_embeddings": _half(embedding["image_embeddings"],
+                                               "image embeddings")}
+            if embedding.get("interm_embeddings") is not None:
+                coeffs, basis, mean = compress_interm(embedding["interm_embeddings"])
+                parts.update(interm_coeffs=coeffs, interm_basis=basis, interm_mean=mean)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: slice {z}: {exc}") from exc
+        self._ensure(z, parts)
+        for name, arr in parts.items():
+            self._arrays[name][z] = arr
         sizes = [*embedding["original_size"], *embedding["input_size"]]
         self._arrays["sizes"][z] = np.asarray(sizes, dtype=np.int32)   # completion marker last
+        return self._unpack(sizes, parts)
+
+    @staticmethod
+    def _unpack(sizes: Any, parts: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"original_size": (int(sizes[0]), int(sizes[1])),
+                               "input_size": (int(sizes[2]), int(sizes[3]))}
+        if "image_embeddings" in parts:
+            out["image_embeddings"] = np.asarray(parts["image_embeddings"], dtype=np.float32)
+        if "interm_coeffs" in parts:
+            out["interm_embeddings"] = restore_interm(parts["interm_coeffs"],
+                                                      parts["interm_basis"], parts["interm_mean"])
+        return out
 
     def get(self, z: int) -> dict[str, Any] | None:
-        """Slice ``z``'s embedding dict, or ``None`` if it was never stored completely."""
+        """Slice ``z``'s embedding dict (float32 arrays), or ``None`` if it was never stored
+        completely."""
         sizes = self._arrays.get("sizes")
         z = int(z)
         if sizes is None or not 0 <= z < sizes.shape[0]:
@@ -223,12 +320,13 @@ class EmbeddingCache:
         row = np.asarray(sizes[z])
         if row[0] <= 0:
             return None
-        out: dict[str, Any] = {"original_size": (int(row[0]), int(row[1])),
-                               "input_size": (int(row[2]), int(row[3]))}
-        for name in ("image_embeddings", "interm_embeddings"):
-            if name in self._arrays:
-                out[name] = np.asarray(self._arrays[name][z])
-        return out
+        return self._unpack(row, {name: self._arrays[name][z] for name in _ARRAYS[:4]
+                                  if name in self._arrays})
+
+    def bytes_per_slice(self) -> float:
+        """Bytes on disk per stored slice (all chunk files, over the slices done)."""
+        files = [f for f in self.path.rglob("*") if f.is_file() and f.name != "zarr.json"]
+        return sum(f.stat().st_size for f in files) / max(1, len(self.done_slices()))
 
     def __contains__(self, z: int) -> bool:
         return self.get(z) is not None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .modeling import DecoderOutput, ImageFeatures, SegMoTE
 from .transforms import ResizePad, normalize_intensity, to_tensor_image
 
-__all__ = ["SegMoTEPredictor", "Prediction", "use_bf16", "model_signature"]
+__all__ = ["SegMoTEPredictor", "Prediction", "use_bf16", "model_signature", "encoder_signature"]
 
 
 def use_bf16(model: SegMoTE, precision: str = "auto") -> bool:
@@ -48,6 +48,19 @@ def model_signature(model: SegMoTE) -> dict[str, Any]:
             "config_sha256": hashlib.sha256(model.config.to_json().encode()).hexdigest()}
 
 
+def encoder_signature(model: SegMoTE) -> dict[str, Any]:
+    """What the image encoder's outputs depend on: base, input size, the early block the HQ
+    fusion reads (if any) and a hash of the encoder's weights. Fine-tuning the added parts (or
+    SAM's decoder) leaves it unchanged, so cached embeddings stay valid."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().float().numpy().tobytes())
+    return {"model_type": model.config.model_type, "image_size": int(model.image_size),
+            "interm_block": int(model.interm_block) if model.needs_interm else None,
+            "weights_sha256": h.hexdigest()}
+
+
 @dataclass
 class Prediction:
     """One image's result. Unpacks like SamPredictor: ``masks, scores, logits = pred``."""
@@ -72,6 +85,7 @@ class SegMoTEPredictor:
         self.transform = ResizePad(model.image_size)
         self.bf16 = use_bf16(model, precision)
         self._signature: dict[str, Any] | None = None
+        self._enc_signature: dict[str, Any] | None = None
         self.reset_image()
 
     # ------------------------------------------------------------------ image / embedding
@@ -147,6 +161,13 @@ class SegMoTEPredictor:
         if name not in self.categories:
             raise ValueError(f"unknown category {name!r}; this model knows {list(self.categories)}")
         return self.categories.index(name)
+
+    def encoder_signature(self) -> dict[str, Any]:
+        """:func:`encoder_signature` of the model plus the encoder's precision."""
+        if self._enc_signature is None:
+            self._enc_signature = encoder_signature(self.model)
+            self._enc_signature["bf16_encoder"] = self.bf16
+        return self._enc_signature
 
     def model_signature(self) -> dict[str, Any]:
         if self._signature is None:

@@ -109,8 +109,10 @@ class PredictorSegmenter:
         else:
             self.predictor.set_image(np.asarray(self.data[z]), modality=self.modality,
                                      window=self.window)
-            if self.cache is not None:
-                self.cache.put(z, self.predictor.get_embedding())
+            if self.cache is not None:  # go on with what the cache keeps: same masks on reuse
+                stored = self.cache.put(z, self.predictor.get_embedding())
+                if isinstance(stored, dict):
+                    self.predictor.set_embedding(stored)
         self._current = z
 
     def segment(self, z: int, prompt: SlicePrompt) -> SliceSegmentation:
@@ -283,7 +285,8 @@ def segment_volume_auto(model: Any, volume: Any, modality: str = "auto", *, wind
                         chunk: int = 8, out: Any = None, precision: str = "auto",
                         slices: Any = None, embeddings: Any = None,
                         progress: ProgressCallback | None = None,
-                        cancel: CancelToken | None = None) -> VolumeResult:
+                        cancel: CancelToken | None = None,
+                        text: str | None = None) -> VolumeResult:
     """PPT (prompt-free) segmentation of every slice, reading ``chunk`` slices at a time.
 
     Args:
@@ -297,6 +300,8 @@ def segment_volume_auto(model: Any, volume: Any, modality: str = "auto", *, wind
         embeddings: an :class:`~segmote_core.embeddings.EmbeddingStore` (anything with
             ``get(z)`` / ``put(z, embedding)``): slices found there skip the encoder, the others
             are encoded (as ``embed_slices``) and stored.
+        text: a category of the model's vocabulary: PPT segments that category (its text
+            token beside the PPT tokens, docs/model.md); ``None``: the paper's PPT.
     """
     from .inference import decode_auto, embed_slices, segment_batch, stack_embeddings
     from .predictor import use_bf16
@@ -323,7 +328,7 @@ def segment_volume_auto(model: Any, volume: Any, modality: str = "auto", *, wind
         if embeddings is None:
             res = segment_batch(model, np.stack([np.asarray(data[z]) for z in part]),
                                 modality=modality, window=window, chunk=chunk,
-                                precision=precision)
+                                precision=precision, text=text)
         else:
             found = {z: embeddings.get(z) for z in part}
             missing = [z for z, e in found.items() if e is None]
@@ -332,7 +337,8 @@ def segment_volume_auto(model: Any, volume: Any, modality: str = "auto", *, wind
                 for z, emb in batch:
                     embeddings.put(z, emb)
                     found[z] = emb
-            res = decode_auto(model, *stack_embeddings(model, [found[z] for z in part]))
+            res = decode_auto(model, *stack_embeddings(model, [found[z] for z in part]),
+                              text=text)
         masks = res.masks.astype(np.uint8)
         if part == list(range(part[0], part[-1] + 1)):
             out[part[0]:part[-1] + 1] = masks

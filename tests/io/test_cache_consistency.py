@@ -29,9 +29,13 @@ def test_compute_and_propagate_refuse_a_different_normalisation_or_model(tmp_pat
             cache.compute_volume(vol[:2], predictor, "CT")
         other = copy.deepcopy(tiny_model_128)
         with torch.no_grad():
-            next(other.sam.mask_decoder.parameters()).add_(1e-3)
+            next(other.sam.image_encoder.parameters()).add_(1e-3)
         with pytest.raises(EmbeddingCacheMismatchError, match="weights_sha256"):
             cache.compute_volume(vol, SegMoTEPredictor(other, precision="fp32"), "CT")
+        tuned = copy.deepcopy(tiny_model_128)    # a fine-tune: same encoder, other decoder
+        with torch.no_grad():
+            next(tuned.sam.mask_decoder.parameters()).add_(1e-3)
+        cache.check_compatible(SegMoTEPredictor(tuned, precision="fp32"), "CT")
         with pytest.raises(EmbeddingCacheMismatchError, match="modality"):
             PredictorSegmenter(predictor, vol, "MR", cache=cache)
         assert calls.images == 0 and cache.done_slices() == []      # nothing computed or stored
