@@ -130,8 +130,9 @@ def test_a_checkpoint_with_one_nan_weight_is_refused_at_load(tmp_path):
     assert str(path) in msg and "iou_prediction_head.layers.0.weight" in msg and "NaN" in msg
 
 
-def test_non_finite_logits_at_run_time_fail_with_that_reason():
+def test_non_finite_logits_at_run_time_fail_with_that_reason(tmp_path):
     from pipeline.worker import ModelSpec, SegmentWorker, SliceTask
+    from segmote_core import save_segmote
     from segmote_core.inference import segment_batch
 
     model = _tiny()
@@ -139,9 +140,10 @@ def test_non_finite_logits_at_run_time_fail_with_that_reason():
         model.sam.mask_decoder.output_upscaling[0].bias.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="non-finite mask logits"):
         segment_batch(model, _slices(), "CT", precision="fp32")
-    worker = SegmentWorker.__new__(SegmentWorker)  # the real worker around this model
-    worker.model, worker.spec, worker.chunk = model, ModelSpec(precision="fp32"), 8
-    worker.device, worker.name = "cpu", "test"
+    ckpt = save_segmote(_tiny(), tmp_path / "t.safetensors", trained=("experts", "ppt"))
+    worker = SegmentWorker(ModelSpec(str(ckpt), precision="fp32"), threads=1)
+    with torch.no_grad():  # weights that overflow after loading (the load check saw them fine)
+        worker.model.sam.mask_decoder.output_upscaling[0].bias.fill_(float("inf"))
     res = worker(SliceTask("c", 0, _slices(), "CT"))
     assert res.labels is None and "non-finite mask logits" in res.error
 
