@@ -24,6 +24,7 @@ import torch
 from segmote_core.fileio import atomic_write, atomic_write_text
 from segmote_core.geometry import interior_point, mask_to_box
 from segmote_core.modeling import ImageFeatures, SegMoTE
+from segmote_core.predictor import use_bf16
 from segmote_core.progress import CancelToken, ProgressCallback, report
 from segmote_core.transforms import ResizePad
 
@@ -51,8 +52,12 @@ class EvalResult:
 def evaluate_model(model: SegMoTE, dataset: SliceDataset, *, modes: Sequence[str] = MODES,
                    chunk: int = 8, examples_per_dataset: int = 1,
                    progress: ProgressCallback | None = None,
-                   cancel: CancelToken | None = None) -> EvalResult:
+                   cancel: CancelToken | None = None, precision: str = "auto") -> EvalResult:
     """Score every mask of ``dataset`` (built with ``keep_original=True``) under each mode.
+
+    The encoder runs at ``precision`` (``segmote_core.predictor.use_bf16``: by default bf16
+    where the hardware has it), as the pipeline and the plugin run it, so the scores measure
+    the path users get.
 
     Raises:
         ValueError: the dataset lacks original masks or has another input size than the model.
@@ -67,6 +72,7 @@ def evaluate_model(model: SegMoTE, dataset: SliceDataset, *, modes: Sequence[str
     if bad:
         raise ValueError(f"unknown evaluation modes {bad}; choose from {MODES}")
     model.eval()
+    bf16 = use_bf16(model, precision)
     text_index = ({n: i for i, n in enumerate(model.config.vocabulary)}
                   if model.text_encoder is not None else {})
     resize = ResizePad(model.image_size)
@@ -76,7 +82,8 @@ def evaluate_model(model: SegMoTE, dataset: SliceDataset, *, modes: Sequence[str
     n = dataset.num_slices
     for start in range(0, n, chunk):
         sl = np.arange(start, min(start + chunk, n))
-        feats = model.encode(model_input(model, dataset.images[sl], dataset.extents[sl]))
+        feats = model.encode(model_input(model, dataset.images[sl], dataset.extents[sl]),
+                             autocast=bf16)
         mids = np.flatnonzero(np.isin(dataset.mask_slice, sl))
         for mode in modes:
             if mode == "auto" and model.ppt is None:
@@ -121,6 +128,11 @@ def _score_group(model: SegMoTE, feats: ImageFeatures, ds: SliceDataset, mids: n
     want_heat = model.config.use_experts and any(seen.get(ds.datasets[s], 0) < per_dataset
                                                  for s in slices)
     out = model.decode(sub, want_heatmaps=want_heat, **kwargs)
+    # one host copy per group, not three syncs per mask
+    none = [None] * len(mids)
+    tokens = out.selected_token.tolist() if out.selected_token is not None else none
+    experts = out.selected_expert.tolist() if out.selected_expert is not None else none
+    confs = out.confidence.float().tolist() if out.confidence is not None else none
     rows = []
     for j, m in enumerate(mids):
         s = int(slices[j])
@@ -131,9 +143,9 @@ def _score_group(model: SegMoTE, feats: ImageFeatures, ds: SliceDataset, mids: n
                "modality": ds.modalities[s], "category": ds.categories[m],
                "binary": bool(ds.binary[m]), "mode": mode, "text": "text_ids" in kwargs,
                "dice": dice_score(pred, originals[j]),
-               "token": int(out.selected_token[j]) if out.selected_token is not None else -1,
-               "expert": int(out.selected_expert[j]) if out.selected_expert is not None else -1,
-               "confidence": float(out.confidence[j]) if out.confidence is not None else np.nan}
+               "token": int(tokens[j]) if tokens[j] is not None else -1,
+               "expert": int(experts[j]) if experts[j] is not None else -1,
+               "confidence": float(confs[j]) if confs[j] is not None else np.nan}
         rows.append(row)
         if out.heatmaps is not None and seen.get(row["dataset"], 0) < per_dataset:
             seen[row["dataset"]] = seen.get(row["dataset"], 0) + 1

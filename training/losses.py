@@ -58,12 +58,13 @@ def mask_iou(logits: Tensor, target: Tensor) -> Tensor:
 
 @dataclass
 class LossTerms:
-    """The total loss and its parts (floats for logging)."""
+    """The total loss and its parts for logging: detached 0-d tensors (``float()`` or a
+    format spec reads them), so computing them costs no GPU->CPU sync before ``backward``."""
 
     total: Tensor
-    seg: float
-    dice: float
-    balance: float
+    seg: Tensor | float
+    dice: Tensor | float
+    balance: Tensor | float
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, weights: LossConfig,
@@ -91,12 +92,11 @@ def segmentation_loss(logits: Tensor, target: Tensor, weights: LossConfig,
     if per_item:
         return seg
     total = seg.mean()
-    bal = 0.0
+    bal = total.new_zeros(()).detach()
     if balance is not None and weights.balance:
         total = total + weights.balance * balance.float()
-        bal = float(balance.detach())
-    return LossTerms(total=total, seg=float(seg.mean().detach()), dice=float(d.mean().detach()),
-                     balance=bal)
+        bal = balance.detach().float()
+    return LossTerms(total=total, seg=seg.mean().detach(), dice=d.mean().detach(), balance=bal)
 
 
 def dice_score(pred: np.ndarray, target: np.ndarray) -> float:

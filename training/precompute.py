@@ -81,10 +81,9 @@ class FeatureCache:
             ) -> ImageFeatures:
         """Features of the given slices as float32 :class:`ImageFeatures` on ``device``."""
         idx = torch.as_tensor(np.asarray(slice_ids), dtype=torch.long)
-        emb = self.image_embeddings[idx].to(device=device, dtype=torch.float32)
-        interm = (self.interm_embeddings[idx].to(device=device, dtype=torch.float32)
-                  if self.interm_embeddings is not None else None)
-        return ImageFeatures(emb, interm)
+        return ImageFeatures(_to(self.image_embeddings[idx], device),
+                             _to(self.interm_embeddings[idx], device)
+                             if self.interm_embeddings is not None else None)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically to ``path`` (.safetensors) with the signature in its metadata."""
@@ -246,3 +245,11 @@ def load_or_compute_features(model: SegMoTE, images: np.ndarray, extents: np.nda
                                autocast=autocast, progress=progress, cancel=cancel)
     log.info("saved embedding cache %s (%d slices)", path, len(cache))
     return cache
+
+
+def _to(gathered: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A gathered (fresh) CPU tensor -> float32 on ``device``: on CUDA through pinned memory,
+    asynchronously, in its stored dtype (a bf16 cache crosses the bus at half the bytes)."""
+    if torch.device(device).type != "cuda":
+        return gathered.to(device=device, dtype=torch.float32)
+    return gathered.pin_memory().to(device, non_blocking=True).float()

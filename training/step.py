@@ -106,8 +106,8 @@ def training_loss(model: SegMoTE, feats: ImageFeatures, batch: PromptBatch, targ
             logits = upsample_logits(out.sam_masks[:, 1:].float(), size)
             seg = _min_over_masks(logits, target, weights, out.sam_iou[:, 1:])
         d = dice_loss(logits[:, 0], target)
-        return StepResult(LossTerms(total=seg.mean(), seg=float(seg.mean().detach()),
-                                    dice=float(d.mean().detach()), balance=0.0), out)
+        return StepResult(LossTerms(total=seg.mean(), seg=seg.mean().detach(),
+                                    dice=d.mean().detach(), balance=0.0), out)
     logits = upsample_logits(out.low_res_masks[:, :1].float(), size)[:, 0]
     iou_pred = out.iou_predictions[:, 0] if out.expert_masks is None else None
     terms = segmentation_loss(logits, target, weights, iou_pred=iou_pred,
