@@ -293,7 +293,8 @@ class AnnotatorController:
                         lambda c: session.propagate_steps(prompts, c, config), report)
 
     def auto(self, volume: bool) -> Any:
-        """PPT auto mode on the current slice or every slice, into the current object."""
+        """PPT auto mode on the current slice or every slice, into the current object; the
+        selected category (if any) is the one PPT segments (its text token rides along)."""
         session = self._require()
         zs = None if volume else [self.z]
 
@@ -304,7 +305,9 @@ class AnnotatorController:
             else:
                 found = sum(bool(r.mask.any()) for r in results.values())
                 self.on_status(f"auto (PPT): object found on {found} of {len(results)} slices")
-        return self.run("SegMoTE auto (PPT)", lambda c: session.auto_steps(zs, c), report)
+        text = self.category
+        return self.run("SegMoTE auto (PPT)" + (f": {text}" if text else ""),
+                        lambda c: session.auto_steps(zs, c, text=text), report)
 
     def run(self, desc: str, steps: Steps, then: Callable[[], Any] | None = None) -> Any:
         """Run a ``(done, total)`` generator in a thread worker with progress and cancel."""

@@ -205,7 +205,20 @@ def output_case_layers(store: Any, case_id: str, labels_name: str | None = None
                         "prelabel_signature": attrs.get("signature_sha256"),
                         "qc": attrs.get("qc"), "qc_case": attrs.get("qc_case"),
                         "qc_components": attrs.get("qc_components"),
-                        "router_confidence": attrs.get("confidence")}}
+                        "router_confidence": attrs.get("confidence"),
+                        "label_table": attrs.get("label_table")}}
     geo = {k: image[1][k] for k in ("scale", "axis_labels") if k in image[1]}
     name = labels_name or f"{case_id} {source}"
-    return [image, (data, {"name": name, "metadata": meta, **geo}, "labels")]
+    kwargs = {"name": name, "metadata": meta, **geo, **label_features(attrs.get("label_table"))}
+    return [image, (data, kwargs, "labels")]
+
+
+def label_features(table: dict[str, str] | None) -> dict[str, Any]:
+    """Labels layer ``features`` naming each value by its category (``segmote batch
+    --categories``): napari shows the name of the label under the cursor; ``{}`` without a
+    table."""
+    if not table:
+        return {}
+    values = sorted(int(v) for v in table)
+    return {"features": {"index": [0, *values],
+                         "category": ["background", *(str(table[str(v)]) for v in values)]}}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["resolve_categories", "label_table", "model_vocabulary", "CategoryResult",
-           "segment_categories", "resolve_logits"]
+           "segment_categories", "resolve_logits", "text_ids_for"]
 
 
 def model_vocabulary(config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -53,6 +53,16 @@ def resolve_categories(names: Sequence[str], vocabulary: Sequence[str],
         raise ValueError(f"--categories: {where} does not know {', '.join(unknown)}; known "
                          f"categories: {', '.join(vocabulary)} (or 'all')")
     return tuple(dict.fromkeys(names))
+
+
+def text_ids_for(model: Any, category: str | None, n: int) -> torch.Tensor | None:
+    """``(n,)`` vocabulary indices of ``category`` for ``model.decode(text_ids=...)``
+    (``None`` for no category); an unknown name raises listing the known ones."""
+    if category is None:
+        return None
+    (name,) = resolve_categories([category], model_vocabulary(model.config.to_dict()))
+    index = model.config.vocabulary.index(name)
+    return torch.full((n,), index, dtype=torch.long, device=model.device)
 
 
 def label_table(categories: Sequence[str]) -> dict[str, str]:

@@ -101,10 +101,15 @@ class ExportResult:
 
 
 def _categories(case: Any, values: list[int], pre_attrs: dict[str, Any]) -> dict[int, str]:
-    """Names of the label values: the cohort's categories, or the auto target for PPT's 1."""
+    """Names of the label values: the label table of a ``--categories`` run, else the cohort's
+    categories, or the auto target for PPT's 1."""
     cats = {int(k): str(v) for k, v in (case.attrs.get("categories") or {}).items()}
+    table = {int(k): str(v) for k, v in (pre_attrs.get("label_table") or {}).items()}
     out = {}
     for v in values:
+        if table:
+            out[v] = table.get(v, f"label {v}")
+            continue
         if pre_attrs.get("mode") == "auto" and v == 1 and case.attrs.get("auto_category"):
             out[v] = str(case.attrs["auto_category"])
         else:

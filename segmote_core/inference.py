@@ -106,10 +106,15 @@ def stack_embeddings(model: SegMoTE, embeddings: Sequence[dict[str, Any]]
 
 @torch.inference_mode()
 def decode_auto(model: SegMoTE, feats: ImageFeatures, original: tuple[int, int],
-                input_size: tuple[int, int]) -> BatchResult:
-    """PPT (prompt-free) masks of B already-encoded slices."""
+                input_size: tuple[int, int], text: str | None = None) -> BatchResult:
+    """PPT (prompt-free) masks of B already-encoded slices; ``text``: a category of the
+    model's vocabulary whose text token rides with the PPT tokens (category-conditioned PPT,
+    docs/model.md)."""
+    from .categories import text_ids_for
+
     m = int(feats.image_embeddings.shape[0])
-    return _decoded(model, model.decode(feats, auto=True), np.arange(m), m, original, input_size)
+    out = model.decode(feats, auto=True, text_ids=text_ids_for(model, text, m))
+    return _decoded(model, out, np.arange(m), m, original, input_size)
 
 
 def _decoded(model: SegMoTE, out: Any, sel: np.ndarray, m: int, original: tuple[int, int],
@@ -144,14 +149,20 @@ def _decoded(model: SegMoTE, out: Any, sel: np.ndarray, m: int, original: tuple[
 def segment_batch(model: SegMoTE, slices: Sequence[np.ndarray] | np.ndarray, modality: str = "auto",
                   boxes: np.ndarray | None = None, *, window=None, precision: str = "auto",
                   chunk: int = 8, progress: ProgressCallback | None = None,
-                  cancel: CancelToken | None = None) -> BatchResult:
+                  cancel: CancelToken | None = None, text: str | None = None) -> BatchResult:
     """Segment B slices: PPT auto mode (``boxes=None``) or one XYXY box per slice.
 
     Args:
         slices: (B, Y, X) or (B, Y, X, 3), or a sequence of same-shaped 2D images.
         boxes: (B, 4) XYXY in original pixels; a row of NaN means "nothing on this slice".
         chunk: slices per encoder/decoder call.
+        text: PPT for this category of the model's vocabulary (its text token beside the PPT
+            tokens; auto mode only).
     """
+    from .categories import text_ids_for
+
+    if text is not None and boxes is not None:
+        raise ValueError("text names the category PPT segments: it goes with auto mode only")
     bf16 = use_bf16(model, precision)
     n = len(slices)
     if boxes is not None:
@@ -164,7 +175,7 @@ def segment_batch(model: SegMoTE, slices: Sequence[np.ndarray] | np.ndarray, mod
         feats = encode_batch(model, batch, chunk, bf16)
         m = len(part)
         if boxes is None:
-            out = model.decode(feats, auto=True)
+            out = model.decode(feats, auto=True, text_ids=text_ids_for(model, text, m))
             sel = np.arange(m)
         else:
             rows = boxes[start:start + m]

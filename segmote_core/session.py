@@ -203,8 +203,10 @@ class AnnotationSession:
         return self.predictor.routing_heatmaps()
 
     def auto_steps(self, zs: list[int] | None = None, cancel: CancelToken | None = None,
-                   chunk: int = 4) -> Generator[tuple[int, int], None, None]:
-        """Generator: PPT on each slice of ``zs`` (all by default) into ``current``.
+                   chunk: int = 4, text: str | None = None
+                   ) -> Generator[tuple[int, int], None, None]:
+        """Generator: PPT on each slice of ``zs`` (all by default) into ``current``;
+        ``text``: segment this category of the model's vocabulary (category-conditioned PPT).
 
         Runs ``segmote_core.volume.segment_volume_auto`` over this session's embedding store
         (embedded slices skip the encoder, new embeddings are kept), ``chunk`` slices at a
@@ -221,7 +223,7 @@ class AnnotationSession:
         res = yield from callback_steps(lambda progress: segment_volume_auto(
             self.predictor.model, _Slices(self), self.modality, window=self.window, chunk=chunk,
             out=out, precision=precision, slices=zs, embeddings=self.store, progress=progress,
-            cancel=cancel))
+            cancel=cancel, text=text))
         for z in zs:
             self.auto_results[z] = SlicePrediction(
                 z, out[z].astype(bool), float(res.score[z]),

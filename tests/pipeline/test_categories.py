@@ -231,3 +231,21 @@ def test_other_categories_refused_unless_overwrite(setup, reference, tmp_path):
     for case_id in CASES:  # the same pixels, values swapped 1 <-> 2
         swap = np.array([0, 2, 1, 3], np.uint8)[before[case_id]]
         np.testing.assert_array_equal(after[case_id], swap)
+
+
+def test_export_carries_the_label_table(setup, reference, tmp_path):
+    import csv
+
+    from segmote_core.export import export_store
+
+    out, _ = reference
+    res = export_store(out, tmp_path / "export")
+    assert res.ok, res.errors
+    rows = list(csv.DictReader(open(res.csv)))
+    table = {"1": "liver", "2": "kidney", "3": "spine"}
+    assert rows and {r["case"] for r in rows} == set(CASES)
+    for r in rows:
+        assert r["category"] == table[r["value"]]
+    for case_id, lab in labels_of(out).items():
+        present = {str(v) for v in np.unique(lab) if v}
+        assert {r["value"] for r in rows if r["case"] == case_id} == present
