@@ -16,7 +16,7 @@ import torch
 from .modeling import ImageFeatures, SegMoTE
 from .predictor import use_bf16
 from .progress import CancelToken, ProgressCallback, report
-from .transforms import ResizePad, normalize_intensity, to_tensor_image
+from .transforms import ResizePad, normalize_to_tensor
 
 __all__ = ["BatchResult", "prepare_batch", "encode_batch", "embed_slices", "stack_embeddings",
            "decode_auto", "segment_batch"]
@@ -40,9 +40,11 @@ def prepare_batch(model: SegMoTE, slices: Sequence[np.ndarray] | np.ndarray, mod
     shape = arr[0].shape
     if any(a.shape != shape for a in arr):
         raise ValueError(f"slices of one batch must share a shape, got {sorted({a.shape for a in arr})}")
-    rgb = torch.cat([to_tensor_image(normalize_intensity(a, modality, window)) for a in arr])
+    # on the model's device: raw slices cross in their own dtype (pinned, asynchronous on
+    # CUDA, so the copy of one slice overlaps the normalisation of the previous one)
+    rgb = torch.cat([normalize_to_tensor(a, modality, window, device=model.device) for a in arr])
     resized = ResizePad(model.image_size).apply_image(rgb)
-    return model.preprocess(resized.to(model.device)), shape[:2], tuple(resized.shape[-2:])
+    return model.preprocess(resized), shape[:2], tuple(resized.shape[-2:])
 
 
 @torch.inference_mode()

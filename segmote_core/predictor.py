@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .modeling import DecoderOutput, ImageFeatures, SegMoTE
-from .transforms import ResizePad, normalize_intensity, to_tensor_image
+from .transforms import ResizePad, normalize_to_tensor
 
 __all__ = ["SegMoTEPredictor", "Prediction", "use_bf16", "model_signature", "encoder_signature"]
 
@@ -104,12 +104,14 @@ class SegMoTEPredictor:
         return self.features is not None
 
     def prepare(self, image: np.ndarray, modality: str = "auto", window=None) -> torch.Tensor:
-        """Normalise, resize and pad one image -> (1, 3, S, S) encoder input; sets sizes."""
-        rgb = normalize_intensity(image, modality, window)
-        resized = self.transform.apply_image(to_tensor_image(rgb))
-        self.original_size = tuple(int(s) for s in rgb.shape[:2])
+        """Normalise, resize and pad one image -> (1, 3, S, S) encoder input; sets sizes.
+
+        All of it runs on the model's device (the raw image crosses in its own dtype)."""
+        rgb = normalize_to_tensor(image, modality, window, device=self.device)
+        resized = self.transform.apply_image(rgb)
+        self.original_size = tuple(int(s) for s in rgb.shape[-2:])
         self.input_size = tuple(int(s) for s in resized.shape[-2:])
-        return self.model.preprocess(resized.to(self.device))
+        return self.model.preprocess(resized)
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray, modality: str = "auto", window=None) -> None:

@@ -93,3 +93,55 @@ def test_eval_decode_under_bf16_autocast(tiny_model_256):
     assert torch.equal(out.selected_expert, ref.selected_expert)
     agree = ((out.low_res_masks[:, 0] > 0) == (ref.low_res_masks[:, 0] > 0)).float().mean()
     assert float(agree) > 0.97
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def _images():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    nan = rng.normal(size=(30, 30)).astype(np.float32)
+    nan[rng.random((30, 30)) > 0.9] = np.nan
+    return [(rng.normal(0, 300, (97, 131)).astype(np.int16), "auto"),
+            (rng.integers(0, 4000, (64, 80)).astype(np.uint16), "CT"),
+            (rng.integers(0, 4000, (64, 80)).astype(np.uint16), "MR"),
+            (rng.normal(size=(50, 60)), "auto"),
+            (rng.integers(0, 256, (40, 30, 3)).astype(np.uint8), "auto"),
+            (nan, "MR"), (rng.random((20, 20)) > 0.5, "auto")]
+
+
+def test_normalisation_on_the_device_equals_the_numpy_one():
+    from segmote_core.transforms import normalize_intensity, normalize_to_tensor, to_tensor_image
+
+    for image, modality in _images():
+        want = to_tensor_image(normalize_intensity(image, modality))
+        got = normalize_to_tensor(image, modality, device=best_device())
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert float((got.cpu() - want).abs().max()) < 1e-3, (image.dtype, modality)
+    import numpy as np
+
+    with pytest.raises(ValueError, match="no finite values"):
+        normalize_to_tensor(np.full((4, 4), np.nan), "MR")
+
+
+def test_batch_and_predictor_inputs_equal_the_cpu_numpy_path(tiny_model_256):
+    """The encoder input made on the model's device equals the old path (numpy
+    normalisation, CPU resize, then copy) within float rounding."""
+    import numpy as np
+
+    from segmote_core.inference import prepare_batch
+    from segmote_core.predictor import SegMoTEPredictor
+    from segmote_core.transforms import ResizePad, normalize_intensity, to_tensor_image
+
+    model = tiny_model_256.eval()
+    rng = np.random.default_rng(1)
+    slices = rng.normal(0, 300, (3, 90, 70)).astype(np.int16)
+    old = torch.cat([to_tensor_image(normalize_intensity(a, "MR")) for a in slices])
+    old = model.preprocess(ResizePad(model.image_size).apply_image(old))
+    got, original, input_size = prepare_batch(model, slices, "MR")
+    assert original == (90, 70) and input_size == (256, 199)
+    assert float((got.cpu() - old).abs().max()) < 1e-3
+    pred = SegMoTEPredictor(model)
+    one = pred.prepare(slices[0], "MR")
+    assert pred.original_size == (90, 70) and pred.input_size == (256, 199)
+    assert float((one.cpu() - old[:1]).abs().max()) < 1e-3
