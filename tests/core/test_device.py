@@ -145,3 +145,29 @@ def test_batch_and_predictor_inputs_equal_the_cpu_numpy_path(tiny_model_256):
     one = pred.prepare(slices[0], "MR")
     assert pred.original_size == (90, 70) and pred.input_size == (256, 199)
     assert float((one.cpu() - old[:1]).abs().max()) < 1e-3
+
+
+# ----------------------------------------------------------------------------- fast_ops
+def test_grouped_conv_branch_equals_conv2d():
+    """The GPU branch of ``conv_to_one_channel`` (one grouped conv), run here on the CPU."""
+    import torch.nn.functional as F
+
+    from segmote_core.modeling.fast_ops import conv_to_one_channel, grouped_conv_to_one_channel
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 20, 17).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 16, 3, 3)
+    ref = torch.stack([F.conv2d(x[i:i + 1], w[i:i + 1], padding=1)[0, 0] for i in range(3)])
+    torch.testing.assert_close(grouped_conv_to_one_channel(x, w), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(conv_to_one_channel(x, w), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_run_stack_equals_sams_stack(tiny_model_256):
+    """``run_stack`` (now the path on every device) equals SAM's own modules."""
+    from segmote_core.modeling.fast_ops import run_stack
+
+    stack = tiny_model_256.sam.mask_decoder.output_upscaling
+    torch.manual_seed(0)
+    x = torch.randn(2, stack[0].in_channels, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(run_stack(stack, x), stack(x), atol=1e-5, rtol=1e-5)
