@@ -63,7 +63,8 @@ class AnnotatorController:
         self.category = None
         self.on_model(model)
         self.on_status(f"model ready: {model.config.model_type}, "
-                       f"{model.config.num_experts} experts")
+                       f"{model.config.num_experts} experts, on {model.device.type}"
+                       f"{' (bf16)' if self.predictor.bf16 else ''}")
 
     def categories(self) -> tuple[str, ...]:
         """The loaded model's text vocabulary (empty without a text guide)."""

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from segmote_core.build import load_demo_model, load_lite_medsam, load_model
+from segmote_core.device import resolve_device
 from segmote_core.modeling import SegMoTE
 
 __all__ = ["DEMO", "LITE_MEDSAM", "CHECKPOINT", "MODEL_SOURCES", "load_choice"]
@@ -22,7 +23,7 @@ MODEL_SOURCES = (DEMO, LITE_MEDSAM, CHECKPOINT)
 
 def load_choice(source: str, sam_checkpoint: str | Path | None = None,
                 segmote_checkpoint: str | Path | None = None, model_type: str = "vit_b",
-                device: str = "cpu") -> SegMoTE:
+                device: str = "auto") -> SegMoTE:
     """Load the model a user picked.
 
     Args:
@@ -30,10 +31,13 @@ def load_choice(source: str, sam_checkpoint: str | Path | None = None,
         sam_checkpoint: official SAM ``.pth`` (base weights).
         segmote_checkpoint: SegMoTE ``.safetensors`` (added weights + config).
         model_type: SAM size when only ``sam_checkpoint`` is given.
+        device: ``"auto"`` (CUDA, then MPS, then the CPU), ``"cuda"``, ``"mps"`` or ``"cpu"``.
     Raises:
         ValueError: unknown source, or checkpoint source without any file.
         FileNotFoundError / CheckpointError: from the core loaders.
     """
+    device = str(resolve_device(device))
+    log.info("model device: %s", device)
     if source == DEMO:
         return load_demo_model(device=device)
     if source == LITE_MEDSAM:

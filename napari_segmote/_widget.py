@@ -15,6 +15,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, Pu
 from napari.utils.notifications import show_error
 from superqt.utils import create_worker  # the QThread worker napari's own wraps
 
+from segmote_core.device import available_devices
 from segmote_core.trained import auto_unavailable
 from segmote_core.transforms import CT_WINDOWS
 
@@ -48,6 +49,10 @@ class SegMoTEWidget(Container):
                                            filter="*.safetensors", visible=False)
         self.model_type = ComboBox(label="SAM size", choices=("vit_b", "vit_l", "vit_h", "tiny"),
                                    visible=False)
+        self.device = ComboBox(
+            label="device", choices=available_devices(), value="auto",
+            tooltip="auto: the GPU (CUDA, then Apple MPS) when there is one, else the CPU; "
+                    "embeddings are computed there (bf16 where the hardware has it)")
         self.load_button = PushButton(text="Load model")
         self.modality = ComboBox(label="modality", choices=MODALITIES, value="auto")
         self.window = ComboBox(label="CT window", choices=tuple(CT_WINDOWS), value="soft_tissue")
@@ -83,7 +88,7 @@ class SegMoTEWidget(Container):
 
         self.extend([
             self.image, self.source, self.sam_checkpoint, self.segmote_checkpoint,
-            self.model_type, self.load_button, self.modality, self.window, self.cache_dir,
+            self.model_type, self.device, self.load_button, self.modality, self.window, self.cache_dir,
             self.start_button,
             row(self.embed_slice_button, self.embed_volume_button, self.cancel_button),
             self.negative, self.category,
@@ -206,7 +211,7 @@ class SegMoTEWidget(Container):
         if self._loader is not None:
             raise RuntimeError("a model is already loading")
         args = (self.source.value, self.sam_checkpoint.value, self.segmote_checkpoint.value,
-                self.model_type.value)
+                self.model_type.value, self.device.value)
         worker = create_worker(load_choice, *args, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._guard(self.controller.set_model))
         worker.errored.connect(self._on_load_error)

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-__all__ = ["DEVICE_CHOICES", "best_device", "resolve_device", "bf16_native",
+__all__ = ["DEVICE_CHOICES", "available_devices", "best_device", "resolve_device", "bf16_native",
            "cpu_bf16_native", "configure_cuda"]
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,12 @@ def best_device() -> torch.device:
     if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def available_devices() -> tuple[str, ...]:
+    """The choices this machine offers, ``"auto"`` first and ``"cpu"`` last."""
+    return ("auto",) + (("cuda",) if torch.cuda.is_available() else ()) + (
+        ("mps",) if _mps_available() else ()) + ("cpu",)
 
 
 def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:

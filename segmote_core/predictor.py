@@ -169,12 +169,15 @@ class SegMoTEPredictor:
         if self._enc_signature is None:
             self._enc_signature = encoder_signature(self.model)
             self._enc_signature["bf16_encoder"] = self.bf16
+            # embeddings made on a GPU differ from the CPU's by rounding: never mixed
+            self._enc_signature["device"] = self.device.type
         return self._enc_signature
 
     def model_signature(self) -> dict[str, Any]:
         if self._signature is None:
             self._signature = model_signature(self.model)
             self._signature["bf16_encoder"] = self.bf16
+            self._signature["device"] = self.device.type
         return self._signature
 
     # ------------------------------------------------------------------ prompting
