@@ -165,3 +165,29 @@ def test_poisoned_actor_is_replaced_and_the_other_cases_complete(setup, tmp_path
     got, want = labels_of(out), labels_of(clean)
     for case in done:
         np.testing.assert_array_equal(got[case], want[case])
+
+
+# ----------------------------------------------------------------------------- gpu_check.sh
+def test_gpu_check_says_plainly_that_there_is_no_gpu_here():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: run benchmarks/gpu_check.sh itself")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 3
+    assert "no CUDA GPU visible" in proc.stderr and "NVIDIA GPU" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 3 and "no CUDA device" in proc.stderr
+
+
+def test_gpu_check_peak_table():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    assert gpu_check.peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_check.peak_tflops("NVIDIA A10G") == 70.0
+    assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_check.peak_tflops("Tesla T4") is None  # no bf16 tensor cores
