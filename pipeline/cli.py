@@ -3,7 +3,8 @@
 Exit codes: 0 every selected case is complete; 1 at least one case failed (see the report);
 2 the run could not start (bad options, missing model, output of another model without
 ``--overwrite``, an input inside the output, another run writing the same output, an output
-that cannot be written); 130 interrupted (rerun the same command to resume).
+that cannot be written, an actor pool the cluster cannot place, actors that cannot use their
+GPU or differ in precision); 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
                    help="SAM size when only --sam-checkpoint is given")
     m.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="encoder precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+                   help="encoder precision: auto = bf16 autocast where the hardware has "
+                        "bf16 (CUDA compute capability >= 8.0: A100, L4, H100...; CPUs with "
+                        "AVX512-BF16/AMX for vit_b/l/h), else fp32")
     s = p.add_argument_group("what to segment")
     s.add_argument("--mode", default="auto", choices=["auto", "box"],
                    help="auto: PPT, prompt-free; box: one box per slice around an existing "
