@@ -27,7 +27,8 @@ def register_train(subparsers) -> None:
         description="Train as docs/training.md describes; resumes from OUTPUT_DIR/checkpoint "
                     "when present. "
                     "Every config key is documented in docs/training.md.")
-    p.add_argument("config", type=Path, help="training config (YAML)")
+    p.add_argument("config", type=Path, nargs="?", default=None,
+                   help="training config (YAML); leave out with --corrections")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    type=_parse_override, help="override a config key, e.g. optim.epochs=2")
     p.add_argument("--no-resume", action="store_true",
@@ -37,6 +38,9 @@ def register_train(subparsers) -> None:
     p.add_argument("--random-encoder", action="store_true",
                    help="train a vit_* model without sam_checkpoint, on a randomly initialised "
                         "encoder, on purpose (refused otherwise)")
+    from .corrections import add_corrections_arguments
+
+    add_corrections_arguments(p)
     p.set_defaults(func=run_train)
 
 
@@ -59,6 +63,15 @@ def run_train(args: argparse.Namespace) -> int:
     from .train_config import load_train_config
     from .trainer import Trainer
 
+    if getattr(args, "corrections", None) is not None:
+        from .corrections import run_from_corrections
+
+        return run_from_corrections(args)
+    if args.config is None:
+        from segmote_core.cli import user_error
+
+        return user_error("train", ValueError("give a CONFIG.yaml, or --corrections OUT.zarr "
+                                              "--out NEW.safetensors"), args.verbose)
     overrides = dict(args.overrides)
     if args.random_encoder:
         overrides["random_encoder"] = True
