@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "vocabulary (or 'all'), resolved into one label map (value = the "
                         "category's place in this list; the label table is in the attrs)")
     s.add_argument("--cases", nargs="+", default=(), metavar="CASE", help="only these case ids")
+    s.add_argument("--skip-reviewed", action="store_true",
+                   help="with a new model over an earlier run: re-segment only the cases nobody "
+                        "reviewed (each old pre-label replaced atomically once its new one is "
+                        "complete); reviewed cases and their corrections are never touched")
     s.add_argument("--overwrite", action="store_true",
                    help="replace labels made by another model/configuration in OUT")
     r = p.add_argument_group("Ray")
@@ -93,7 +97,8 @@ def options_from_args(args: argparse.Namespace):
         batch_size=args.batch_size,
         pool=PoolConfig(args.num_actors, args.gpus_per_actor, args.cpus_per_actor),
         address=args.address, num_cpus=args.num_cpus, cases=tuple(args.cases),
-        overwrite=args.overwrite, progress=False if args.no_progress else None,
+        overwrite=args.overwrite, skip_reviewed=args.skip_reviewed,
+        progress=False if args.no_progress else None,
         categories=tuple(args.categories))
 
 

@@ -67,6 +67,7 @@ class BatchOptions:
     num_cpus: int | None = None
     cases: tuple[str, ...] = ()
     overwrite: bool = False
+    skip_reviewed: bool = False
     progress: bool | None = None
     categories: tuple[str, ...] = ()
 
@@ -341,9 +342,21 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
         log.info("%d actor(s) ready (%s CPU, %s GPU each) in %.1f s: %s",
                  pool_cfg.num_actors, pool_cfg.cpus_per_actor, pool_cfg.gpus_per_actor,
                  summary.startup_seconds, opts.model.describe())
-        store = OutputStore(opts.out, opts.cohort, signature, opts.overwrite, inputs, lock=lock)
+        store = OutputStore(opts.out, opts.cohort, signature, opts.overwrite, inputs, lock=lock,
+                            skip_reviewed=opts.skip_reviewed)
         todo, changed = [], set()
         for case in cases:
+            if opts.skip_reviewed and store.is_reviewed(case.case_id):
+                # reviewed: its pre-label and correction are never touched; it stays queued
+                attrs = store.case_attrs(case.case_id)
+                summary.rows.append(case_row(
+                    case.case_id, "skipped", slices=attrs.get("slices", 0),
+                    seconds=attrs.get("seconds", 0.0), confidence=attrs.get("confidence", []),
+                    expert=attrs.get("expert", []), shape=case.shape, qc=attrs.get("qc", []),
+                    labels=f"{store.path}/{case.case_id}/labels",
+                    categories=category_summary(attrs.get("categories"))))
+                summary.rows[-1]["note"] = "reviewed: kept"
+                continue
             if store.input_changed(case.case_id, case.input_signature):
                 changed.add(case.case_id)
                 log.warning("case %s: the input case changed since its labels were made: "

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -77,9 +78,11 @@ class OutputStore:
 
     def __init__(self, path: str | Path, cohort: str | Path, signature: dict[str, Any],
                  overwrite: bool = False, inputs: Sequence[str | Path] = (),
-                 lock: StoreLock | None = None) -> None:
+                 lock: StoreLock | None = None, skip_reviewed: bool = False) -> None:
 
         self.path = Path(path).resolve()
+        self.skip_reviewed = skip_reviewed
+        self._staged: dict[str, Path] = {}
         cohort = Path(cohort).resolve()
         self.precheck(self.path, cohort, inputs)
         self._own_lock = lock is None
@@ -108,6 +111,10 @@ class OutputStore:
                                  f"(attrs['segmote'] = {attrs.get('segmote')!r})")
             old = attrs.get("signature_sha256")
             stale = self._foreign_cases()
+            if self.skip_reviewed:
+                # a new model over an old run: reviewed cases stay as they are, the others are
+                # replaced one by one as their new labels complete (begin / finish)
+                stale, old = [], None
             if (old not in (None, self.sha) or stale) and not overwrite:
                 raise OutputStoreMismatchError(
                     f"{self.path} holds labels of another model/configuration (store "
@@ -266,24 +273,55 @@ class OutputStore:
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         return dict(self.root[case_id]["labels"].attrs)
 
+    def is_reviewed(self, case_id: str) -> bool:
+        """A complete case someone reviewed: a saved correction in ``corrections/<case>``, or
+        its labels marked ``reviewed: true``."""
+        from segmote_core.review import read_correction
+
+        try:
+            if self.owns(case_id) and self.case_attrs(case_id).get("reviewed") is True:
+                return True
+            return read_correction(self.path, case_id, data=False) is not None
+        except Exception:  # noqa: BLE001 - no readable correction: not reviewed
+            return False
+
+    def _labels(self, case_id: str) -> Any:
+        import zarr
+
+        if case_id in self._staged:
+            return zarr.open_group(str(self._staged[case_id]), mode="r+")["labels"]
+        return self.root[case_id]["labels"]
+
     def begin(self, case_id: str, shape: tuple[int, ...], dtype: str = "uint8") -> Any:
         """(Re)create ``<case>/labels`` with ``complete: false``; stale contents are deleted."""
+        import zarr
+
+        group = None
         if case_id in self.root:
             if not self.owns(case_id):
                 raise ForeignNodeError(f"{self.path}/{case_id} exists and was not written by "
                                        f"segmote batch: it is left as it is; move it away to "
                                        f"segment this case")
-            log.info("%s: redoing case %s", self.path, case_id)
-            del self.root[case_id]
+            if self.skip_reviewed and self.case_attrs(case_id).get("complete") is True:
+                # the old pre-label stays readable until the new one is complete (finish)
+                # (a folder without zarr.json: not a member of the store's hierarchy)
+                staged = self.path / ".staging" / case_id
+                shutil.rmtree(staged, ignore_errors=True)
+                group = zarr.open_group(str(staged), mode="w")
+                self._staged[case_id] = staged
+            else:
+                log.info("%s: redoing case %s", self.path, case_id)
+                del self.root[case_id]
         chunks = (1, *shape[1:]) if len(shape) == 3 else tuple(shape)
-        arr = self.root.create_group(case_id).create_array(
+        group = group if group is not None else self.root.create_group(case_id)
+        arr = group.create_array(
             "labels", shape=tuple(shape), dtype=dtype, chunks=chunks, fill_value=0)
         arr.attrs.update({"complete": False, "signature_sha256": self.sha})
         return arr
 
     def write(self, case_id: str, start: int, labels: np.ndarray) -> None:
         """Write ``labels`` ``(B, Y, X)`` at slices ``start..``; 2D cases take ``B == 1``."""
-        arr = self.root[case_id]["labels"]
+        arr = self._labels(case_id)
         if arr.ndim == 2:
             arr[...] = labels[0]
         else:
@@ -293,7 +331,7 @@ class OutputStore:
                extra: dict[str, Any]) -> None:
         """Sign the case with per-slice results, then set ``complete: true`` (a separate, last
         metadata write)."""
-        arr = self.root[case_id]["labels"]
+        arr = self._labels(case_id)
         arr.attrs.update({
             **extra,
             "signature": self.signature, "signature_sha256": self.sha,
@@ -302,6 +340,15 @@ class OutputStore:
             "expert": [int(e) for e in expert],
         })
         arr.attrs["complete"] = True
+        staged = self._staged.pop(case_id, None)
+        if staged is not None:  # swap the complete new case in for the old one
+            from segmote_core.fileio import atomic_write_dir
+
+            atomic_write_dir(self.path / case_id, lambda tmp: os.replace(staged, tmp))
+            try:
+                staged.parent.rmdir()      # the last staged case: no empty folder left behind
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Release the lock the store took itself (a caller's lock stays with the caller)."""
@@ -316,5 +363,9 @@ class OutputStore:
 
     def discard(self, case_id: str) -> None:
         """Remove a failed case's partial output (a rerun redoes it)."""
+        staged = self._staged.pop(case_id, None)
+        if staged is not None:  # the old pre-label was never touched
+            shutil.rmtree(staged, ignore_errors=True)
+            return
         if self.owns(case_id):
             del self.root[case_id]
