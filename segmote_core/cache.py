@@ -14,18 +14,20 @@ format version. Layout (version 2)::
       image_embeddings            (Z, C, h, w) float16, one chunk per slice
       interm_coeffs               (Z, h, w, r) float16  } the early ViT features of the HQ
       interm_basis                (Z, r, D) float16     } fusion (models with HQ fusion only),
-      interm_mean                 (Z, D) float32        } rank r = D / 6 per slice (see below)
+      interm_mean                 (Z, D) float32        } rank r <= D per slice (see below)
       sizes                       (Z, 4) int32: original (Y, X), input (Y, X); a row is written
                                   last, so a non-zero row marks its slice complete
 
 Size at cohort scale: a ViT-B slice held 16 MiB raw in version 1 (float32 embedding, 4 MiB, plus
 the raw 64 x 64 x 768 early block, 12 MiB). The fusion reads that block through a linear layer
-(a 2x2 transposed convolution) and its per-slice spectrum is steep: the principal subspace of
-rank D / 6 keeps >= 99.9 % of its variance on the demo cohort. Storing that subspace (the
-slice's mean, r basis vectors and r coefficients per position) and the embedding in half
-precision makes a ViT-B slice 3.2 MiB raw; the masks agree with the float32 ones at Dice >=
-0.995 (``benchmarks/bench_cache_size.py``). The basis is per slice and does not depend on the
-model's trainable parts, so fine-tuned models reuse the cache.
+(a 2x2 transposed convolution), and its per-slice spectrum is steep; the early features are
+kept in :data:`INTERM_BUDGET` (1.25 MiB) of float16 coefficients: all channels where they fit
+(the tiny model, LiteMedSAM's 160-channel TinyViT stage: plain float16), else the slice's
+principal subspace of the rank that fits (ViT-B: 160 of 768: the mean, 160 basis vectors and
+160 coefficients per position). With the embedding in float16 a ViT-B slice is 3.5 MiB raw
+(less on disk); the masks agree with the float32 ones (``benchmarks/bench_cache_size.py``).
+The basis is per slice and does not depend on the model's trainable parts, so fine-tuned
+models reuse the cache.
 """
 
 from __future__ import annotations
@@ -51,40 +53,45 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 
-#: The early-feature subspace kept per slice: rank = channels // INTERM_RANK_DIVISOR.
-INTERM_RANK_DIVISOR = 6
+#: Bytes of early-feature coefficients kept per slice (float16): the rank follows from it.
+INTERM_BUDGET = 1_310_720
 _F16_MAX = float(np.finfo(np.float16).max)
 _ARRAYS = ("image_embeddings", "interm_coeffs", "interm_basis", "interm_mean", "sizes")
 
 
-def interm_rank(channels: int) -> int:
-    """The rank the cache keeps of an early-feature block with ``channels`` channels."""
-    return max(1, int(channels) // INTERM_RANK_DIVISOR)
+def interm_rank(positions: int, channels: int) -> int:
+    """The rank the cache keeps of ``positions`` x ``channels`` early features: all channels
+    when they fit :data:`INTERM_BUDGET` in float16 (tiny, LiteMedSAM), else as many as fit
+    (ViT-B 160 of 768, ViT-L/H 160 of 1024/1280)."""
+    return max(1, min(int(channels), INTERM_BUDGET // (2 * max(1, int(positions)))))
 
 
 def compress_interm(interm: np.ndarray, rank: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(h, w, D) features -> float16 coefficients (h, w, r), float16 basis (r, D), float32 mean.
 
-    The basis is the top-``r`` eigenvectors of the slice's channel covariance (its principal
-    subspace), so ``coeffs @ basis + mean`` is the best rank-r approximation in squared error.
+    With ``r < D`` the basis is the top-``r`` eigenvectors of the slice's channel covariance
+    (its principal subspace), so ``coeffs @ basis + mean`` is the best rank-r approximation in
+    squared error; with ``r == D`` the features are kept as they are (identity basis).
     """
     import torch
 
     x = np.asarray(interm, dtype=np.float32)
     h, w, d = x.shape
-    r = min(d, rank or interm_rank(d))
-    flat = torch.from_numpy(x.reshape(-1, d)).double()
-    mean = flat.mean(0)
-    centred = flat - mean
-    _, vecs = torch.linalg.eigh(centred.T @ centred)       # ascending eigenvalues
-    basis = vecs[:, -r:].flip(1).T.float()                  # (r, D), largest first
-    basis16 = basis.half()
-    coeffs = centred.float() @ basis16.float().T            # project on the basis as stored
+    r = min(d, rank or interm_rank(h * w, d))
+    flat = torch.from_numpy(x.reshape(-1, d))
+    if r >= d:
+        coeffs, basis16, mean = flat, torch.eye(d).half(), torch.zeros(d)
+    else:
+        mean = flat.mean(0)
+        centred = flat - mean
+        cov = (centred.T @ centred).double()
+        _, vecs = torch.linalg.eigh(cov)                      # ascending eigenvalues
+        basis16 = vecs[:, -r:].flip(1).T.float().half()       # (r, D), largest first
+        coeffs = centred @ basis16.float().T                  # project on the basis as stored
     if coeffs.abs().max() > _F16_MAX:
         raise ValueError("early features overflow float16; they cannot be cached")
-    return (coeffs.reshape(h, w, r).half().numpy(), basis16.numpy(),
-            mean.float().numpy())
+    return coeffs.reshape(h, w, r).half().numpy(), basis16.numpy(), mean.float().numpy()
 
 
 def restore_interm(coeffs: np.ndarray, basis: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -41,7 +41,8 @@ class EmbeddingStore:
         cache: an :class:`~segmote_core.cache.EmbeddingCache` (or anything with ``get(z)`` and
             ``put(z, embedding)``), or ``None`` for memory only.
         max_in_memory: with a cache, how many slices stay in memory as well (least recently
-            used go first; a vit_b slice takes ~17 MB in memory, 3.2 MiB in the cache). Without a cache everything stays.
+            used go first; a vit_b slice takes ~17 MB in memory, ~2 MiB in the cache).
+            Without a cache everything stays.
     """
 
     def __init__(self, cache: Any | None = None, max_in_memory: int = 32) -> None:
