@@ -1,0 +1,111 @@
+"""Prompt-free Dice per category, end to end through ``segmote batch --categories``.
+
+    python scripts/eval_categories.py COHORT.zarr SELECTION.json OUT_DIR [--checkpoint F]
+
+For each dataset of the held-out split (``--split test``) that has several categories, the
+dataset's test cases are segmented by ``segmote batch COHORT OUT --cases ... --categories
+<the dataset's categories>`` (a subprocess: the real command, a local Ray) and each category's
+label is compared with the cohort's labels:
+
+- ``auto`` (the demo tables' convention): mean Dice over the slices that hold the category;
+- ``volume``: Dice over the whole case (slices without the category count: a category drawn
+  where there is none lowers it);
+- ``false_slices``: slices without the category where the model drew some.
+
+Writes ``OUT_DIR/categories.csv`` and ``OUT_DIR/categories.md`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * float((a & b).sum()) / total if total else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cohort", type=Path)
+    ap.add_argument("selection", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--checkpoint", default=None, help="SegMoTE .safetensors (default: demo)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--num-cpus", default="2")
+    args = ap.parse_args(argv)
+    import zarr
+
+    sel = json.loads(args.selection.read_text())
+    root = zarr.open_group(str(args.cohort), mode="r")
+    by_dataset: dict[str, list[str]] = {}
+    for case_id in sel["splits"][args.split]:
+        attrs = dict(root[case_id].attrs)
+        if len(attrs.get("categories") or {}) > 1:
+            by_dataset.setdefault(attrs["dataset"], []).append(case_id)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for dataset, cases in sorted(by_dataset.items()):
+        cats = dict(root[cases[0]].attrs)["categories"]       # id -> name
+        names = [cats[k] for k in sorted(cats, key=int)]
+        store = args.out / f"{dataset}.zarr"
+        cmd = [sys.executable, "-m", "pipeline", str(args.cohort), str(store), "--cases",
+               *cases, "--categories", *names, "--num-cpus", args.num_cpus, "--no-progress",
+               "--overwrite"]
+        if args.checkpoint:
+            cmd += ["--segmote-checkpoint", args.checkpoint]
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        sys.stderr.write(proc.stdout + proc.stderr[-2000:])
+        if proc.returncode != 0:
+            raise SystemExit(f"segmote batch failed ({proc.returncode}) on {dataset}")
+        out = zarr.open_group(str(store), mode="r")
+        table = dict(out.attrs)["label_table"]
+        value = {name: int(v) for v, name in table.items()}
+        for name in names:
+            gt_id = int(next(k for k, v in cats.items() if v == name))
+            per_slice, gts, preds, false = [], [], [], 0
+            for case_id in cases:
+                gt = np.asarray(root[case_id]["labels"]) == gt_id
+                pred = np.asarray(out[case_id]["labels"]) == value[name]
+                gt, pred = gt.reshape(-1, *gt.shape[-2:]), pred.reshape(-1, *pred.shape[-2:])
+                for z in range(len(gt)):
+                    if gt[z].any():
+                        per_slice.append(dice(gt[z], pred[z]))
+                    elif pred[z].any():
+                        false += 1
+                gts.append(gt.ravel())
+                preds.append(pred.ravel())
+            rows.append({"dataset": dataset, "category": name, "cases": len(cases),
+                         "slices": len(per_slice), "auto": float(np.mean(per_slice)),
+                         "volume": dice(np.concatenate(gts), np.concatenate(preds)),
+                         "false_slices": false})
+    lines = ["| dataset | category | auto (slices with it) | volume Dice | slices | empty slices drawn on |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['category']} | {r['auto']:.4f} | {r['volume']:.4f} "
+                     f"| {r['slices']} | {r['false_slices']} |")
+    text = "\n".join(lines) + "\n"
+    (args.out / "categories.md").write_text(text)
+    import csv
+
+    with open(args.out / "categories.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
