@@ -80,8 +80,12 @@ class ReviewWidget(Container):
         row = Container(widgets=[self.save_button, self.next_button], layout="horizontal",
                         labels=False)
         row.margins = (0, 0, 0, 0)
+        from ._improve import ImprovePanel
+
+        self.improve = ImprovePanel(self)   # fine-tune from the reviewed cases
         self.extend([self.path, self.corrections, self.load_button, self.queue,
-                     self.open_button, self.worst, self.annotate_button, row, self.status])
+                     self.open_button, self.worst, self.annotate_button, row, self.improve,
+                     self.status])
         g = self._guard
         self.load_button.clicked.connect(g(lambda: self.load(self.path.value,
                                                              self.corrections.value)))
