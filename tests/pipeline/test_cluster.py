@@ -130,7 +130,8 @@ def test_join_cluster_with_address_and_refuse_other_model(tmp_path, ray_head):
     assert at["signature"]["mode"] == "box" and at["signature"]["label_key"] == "manual"
     assert not lab[0].any() and at["confidence"][0] is None and at["expert"][0] == -1
     image = np.asarray(zarr.open_group(str(cohort), mode="r")[f"{ids[0]}/image"][1:2])
-    ref = segment_batch(load_segmote(ckpt_a), image, "CT", boxes=np.array([[10, 8, 26, 20]]))
+    # the label spans rows 8-19, columns 10-25: the box is inclusive (x0, y0, x1, y1), as SAM's
+    ref = segment_batch(load_segmote(ckpt_a), image, "CT", boxes=np.array([[10, 8, 25, 19]]))
     np.testing.assert_array_equal(lab[1], ref.masks[0].astype(np.uint8) * 3)
     assert at["confidence"][1] == pytest.approx(float(ref.confidence[0]), abs=1e-5)
 
