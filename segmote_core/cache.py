@@ -85,13 +85,29 @@ def compress_interm(interm: np.ndarray, rank: int | None = None
     else:
         mean = flat.mean(0)
         centred = flat - mean
-        cov = (centred.T @ centred).double()
-        _, vecs = torch.linalg.eigh(cov)                      # ascending eigenvalues
-        basis16 = vecs[:, -r:].flip(1).T.float().half()       # (r, D), largest first
+        basis16 = _top_subspace(centred.T @ centred, r).T.half()   # (r, D), largest first
         coeffs = centred @ basis16.float().T                  # project on the basis as stored
     if coeffs.abs().max() > _F16_MAX:
         raise ValueError("early features overflow float16; they cannot be cached")
     return coeffs.reshape(h, w, r).half().numpy(), basis16.numpy(), mean.float().numpy()
+
+
+def _top_subspace(cov: Any, r: int, iters: int = 3) -> Any:
+    """(D, r) orthonormal top-``r`` eigenvectors of a symmetric (D, D) matrix, largest first.
+
+    Randomised subspace iteration (a fixed seed: the same slice gives the same basis) with 16
+    extra vectors, then an exact eigendecomposition of the small projected matrix: a full
+    ``eigh`` of ViT-B's 768 x 768 covariance took 5-10 s per slice on a loaded 2-core CPU, this
+    about 1 s, with a reconstruction error within a few per cent of the exact subspace's.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(cov.shape[0], min(cov.shape[0], r + 16), generator=g, dtype=cov.dtype)
+    for _ in range(iters):
+        q, _ = torch.linalg.qr(cov @ q)
+    _, vecs = torch.linalg.eigh((q.T @ cov @ q).double())
+    return (q.double() @ vecs)[:, -r:].flip(1).float()
 
 
 def restore_interm(coeffs: np.ndarray, basis: np.ndarray, mean: np.ndarray) -> np.ndarray:
