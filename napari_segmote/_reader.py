@@ -1,4 +1,4 @@
-"""npe2 reader: NIfTI images, DICOM series, SegMoTE cohort cases (zarr, SPEC 2.1) and the
+"""npe2 reader: NIfTI images, DICOM series, SegMoTE cohort cases (zarr, docs/formats.md) and the
 output of ``segmote batch`` (``OUT.zarr`` or one of its cases: the case's image from its cohort
 with the pre-labels, or the saved correction, as an editable Labels layer) into napari layers.
 
