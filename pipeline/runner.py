@@ -149,9 +149,8 @@ class _Driver:
     """Feeds the pool case by case and writes what comes back."""
 
     def __init__(self, opts: BatchOptions, store: OutputStore, todo: list[CaseInput],
-                 summary: BatchSummary, slice_conf: dict[str, list], bars: tuple[Any, Any]):
+                 summary: BatchSummary, bars: tuple[Any, Any]):
         self.opts, self.store, self.todo, self.summary = opts, store, todo, summary
-        self.slice_conf = slice_conf
         self.case_bar, self.slice_bar = bars
         self.open: dict[str, CaseInFlight] = {}
         self.changed: set[str] = set()   # cases whose input was rewritten since their labels
@@ -233,7 +232,6 @@ class _Driver:
                                               shape=case.shape, seconds=wall))
         else:
             conf = [None if not np.isfinite(c) else float(c) for c in state.conf]
-            self.slice_conf[case_id] = conf
             self.summary.rows.append(case_row(
                 case_id, "done", slices=case.n_slices, seconds=wall, confidence=conf,
                 expert=state.expert.tolist(), shape=case.shape, labels=labels, qc=qc["qc"],
@@ -320,6 +318,16 @@ def run_batch(opts: BatchOptions) -> BatchSummary:
         return _run_locked(opts, cohort, ids, inputs, lock, t_start)
 
 
+def _kept_row(store: OutputStore, case: Any) -> dict[str, Any]:
+    """The report row of a case whose stored labels stay as they are (complete or reviewed)."""
+    attrs = store.case_attrs(case.case_id)
+    return case_row(case.case_id, "skipped", slices=attrs.get("slices", 0),
+                    seconds=attrs.get("seconds", 0.0), confidence=attrs.get("confidence", []),
+                    expert=attrs.get("expert", []), shape=case.shape, qc=attrs.get("qc", []),
+                    labels=f"{store.path}/{case.case_id}/labels",
+                    categories=category_summary(attrs.get("categories")))
+
+
 def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[str],
                 lock: StoreLock, t_start: float) -> BatchSummary:
     from tqdm import tqdm
@@ -333,7 +341,6 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
         except CaseError as exc:
             bad[case_id] = str(exc)
     n_batches = sum(batch_count(c.n_slices, opts.batch_size) for c in cases)
-    slice_conf: dict[str, list] = {}
     with ray_session(opts.address, opts.num_cpus) as resources:
         pool_cfg = resolve_pool(opts.pool, resources, max(1, n_batches))
         pool = ActorPool(opts.model, pool_cfg)
@@ -348,13 +355,7 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
         for case in cases:
             if opts.skip_reviewed and store.is_reviewed(case.case_id):
                 # reviewed: its pre-label and correction are never touched; it stays queued
-                attrs = store.case_attrs(case.case_id)
-                summary.rows.append(case_row(
-                    case.case_id, "skipped", slices=attrs.get("slices", 0),
-                    seconds=attrs.get("seconds", 0.0), confidence=attrs.get("confidence", []),
-                    expert=attrs.get("expert", []), shape=case.shape, qc=attrs.get("qc", []),
-                    labels=f"{store.path}/{case.case_id}/labels",
-                    categories=category_summary(attrs.get("categories"))))
+                summary.rows.append(_kept_row(store, case))
                 summary.rows[-1]["note"] = "reviewed: kept"
                 continue
             if store.input_changed(case.case_id, case.input_signature):
@@ -362,14 +363,7 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
                 log.warning("case %s: the input case changed since its labels were made: "
                             "segmenting it again", case.case_id)
             if store.is_complete(case.case_id, case.input_signature):
-                attrs = store.case_attrs(case.case_id)
-                slice_conf[case.case_id] = attrs.get("confidence", [])
-                summary.rows.append(case_row(
-                    case.case_id, "skipped", slices=attrs.get("slices", 0),
-                    seconds=attrs.get("seconds", 0.0), confidence=attrs.get("confidence", []),
-                    expert=attrs.get("expert", []), shape=case.shape, qc=attrs.get("qc", []),
-                    labels=f"{store.path}/{case.case_id}/labels",
-                    categories=category_summary(attrs.get("categories"))))
+                summary.rows.append(_kept_row(store, case))
             else:
                 todo.append(case)
         for case_id, error in bad.items():
@@ -382,7 +376,7 @@ def _run_locked(opts: BatchOptions, cohort: Any, ids: list[str], inputs: list[st
                   initial=len(ids) - len(todo)) as case_bar, \
                 tqdm(total=sum(c.n_slices for c in todo), desc="slices", unit="slice",
                      position=1, disable=disable) as slice_bar:
-            driver = _Driver(opts, store, todo, summary, slice_conf, (case_bar, slice_bar))
+            driver = _Driver(opts, store, todo, summary, (case_bar, slice_bar))
             driver.changed = changed
             t_run = time.perf_counter()
             for result in pool.run(driver.tasks()):

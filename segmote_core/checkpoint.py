@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .config import SegMoTEConfig
-from .fileio import atomic_write
+from .fileio import atomic_write, file_sha256
 from .modeling import SegMoTE  # type of what save_segmote writes
 
 __all__ = ["CheckpointError", "save_segmote", "read_checkpoint_info", "checkpoint_state",
@@ -63,8 +63,6 @@ def sam_base_source(path: str | Path) -> dict[str, Any]:
     """What a checkpoint records of the SAM ``.pth`` its weights sit on: ``name``, ``file`` (the
     file name), ``path`` (absolute, where it was at training time; loaders look there when no
     SAM checkpoint is given) and ``sha256`` of the file."""
-    from .modeling.lite_medsam import file_sha256
-
     path = Path(path)
     return {"name": "SAM", "file": path.name, "path": str(path.resolve()),
             "sha256": file_sha256(path)}

@@ -12,6 +12,7 @@ A failure anywhere leaves the previous file untouched and removes the temporary 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -19,7 +20,7 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_dir", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_dir", "file_sha256", "fsync_dir"]
 
 
 def _temp_name(path: Path, suffix: str) -> Path:
@@ -119,3 +120,20 @@ def atomic_write_dir(path: str | Path, write: Callable[[str], None]) -> Path:
     if old is not None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     return path
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _sha_cache[key] = h.hexdigest()
+    return _sha_cache[key]

@@ -17,7 +17,6 @@ Differences from a SAM ViT base, kept in this module:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from importlib import metadata, resources
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import Tensor, nn
+
+from ..fileio import file_sha256
 
 __all__ = ["MODEL_TYPE", "PACKAGE", "PACKAGE_VERSION", "CHECKPOINT_FILE", "CHECKPOINT_SHA256",
            "INTERM_STAGE", "BaseUnavailable", "checkpoint_path", "base_record", "build_lite_medsam",
@@ -46,7 +47,6 @@ EMBED_GRID = 64
 INTERM_STAGE = 1      # image_encoder.layers[1]: 160 channels at 64 x 64
 INTERM_DIM = 160
 
-_sha_cache: dict[tuple[str, int, int], str] = {}
 
 
 class BaseUnavailable(RuntimeError):
@@ -63,20 +63,6 @@ def _require_package():
         log.warning("%s %s installed; segmote is tested with %s (the checkpoint's sha256 is "
                     "checked all the same)", PACKAGE, version, PACKAGE_VERSION)
     return version
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime)."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _sha_cache:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _sha_cache[key] = h.hexdigest()
-    return _sha_cache[key]
 
 
 def checkpoint_path() -> Path:

@@ -39,6 +39,7 @@ def test_round_trip_in_a_fresh_process(tmp_path, tiny_model_256):
     expected = _outputs(tiny_model_256)
     script = textwrap.dedent(f"""
         import numpy as np, torch, sys
+        torch.set_num_threads({torch.get_num_threads()})  # same reduction order: bit-equal outputs
         sys.path.insert(0, {str(tmp_path)!r})
         from segmote_core import load_segmote
         from test_helper import _outputs

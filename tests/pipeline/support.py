@@ -3,6 +3,7 @@ small cohort on disk, one of whose cases can be made corrupt."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -68,3 +69,13 @@ def subprocess_env() -> dict[str, str]:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over every file below ``path`` (relative names and bytes): equal means untouched."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()

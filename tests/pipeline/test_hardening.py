@@ -8,7 +8,6 @@ the ones that need a real run use a local Ray with the tiny model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -21,19 +20,11 @@ import zarr
 from pipeline import BatchOptions, ModelSpec, run_batch
 from pipeline.store import OutputStore
 from segmote_core.locking import StoreLock, lock_path
-from tests.pipeline.support import REPO, make_cohort, subprocess_env
+from tests.pipeline.support import REPO, make_cohort, subprocess_env, tree_digest
 
 SIG = {"model": {"weights_sha256": "a"}, "mode": "auto"}
 OTHER = {"model": {"weights_sha256": "b"}, "mode": "auto"}
 
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(path)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _batch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -58,11 +49,11 @@ def test_overwrite_never_deletes_a_cohort_inside_the_output(tmp_path):
         store.begin("x", (2, 4, 4))
     inner = out / "cohort_in.zarr"
     make_cohort(inner, n_cases=2, slices=2, size=16, corrupt=None)
-    before = _digest(inner)
+    before = tree_digest(inner)
     r = _batch(str(inner), str(out), "--overwrite")
     assert r.returncode == 2, r.stderr
     assert "lies inside the output" in r.stderr and str(inner) in r.stderr
-    assert _digest(inner) == before
+    assert tree_digest(inner) == before
 
 
 def test_input_reached_through_a_symlink_is_found_inside_the_output(tmp_path):

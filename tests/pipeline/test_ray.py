@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import subprocess
 import sys
@@ -27,19 +26,11 @@ from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort
 from segmote_core.qc import case_qc
 from tests.pipeline.support import (REPO, attrs_of, labels_of, make_cohort, subprocess_env,
-                                   tiny_checkpoint)
+                                    tiny_checkpoint, tree_digest)
 
 SLICES = 6
 GOOD = ["case_000", "case_001", "case_003", "case_004"]
 
-
-def _tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(path)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +51,7 @@ def _args(cohort: Path, out: Path, ckpt: Path) -> list[str]:
 def reference(setup):
     """One uninterrupted run through the ``segmote`` entry point (in this process)."""
     work, ckpt, cohort = setup
-    before = _tree_digest(cohort)
+    before = tree_digest(cohort)
     out = work / "reference.zarr"
     t0 = time.perf_counter()
     rc = segmote_main(["batch", *_args(cohort, out, ckpt)])
@@ -71,7 +62,7 @@ def test_corrupt_case_is_reported_and_the_rest_complete(setup, reference):
     work, ckpt, cohort = setup
     out, rc, before, _ = reference
     assert rc == 1  # one case failed
-    assert _tree_digest(cohort) == before  # the input was not written to
+    assert tree_digest(cohort) == before  # the input was not written to
     labels, attrs = labels_of(out), attrs_of(out)
     assert sorted(labels) == GOOD  # the corrupt case left no partial output
     coh = open_cohort(cohort)

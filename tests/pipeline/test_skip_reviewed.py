@@ -8,7 +8,6 @@ with ``--skip-reviewed``.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,8 @@ import pytest
 from segmote_core.cli import main as segmote_main
 from segmote_core.review import read_correction, review_queue, save_correction
 
-from tests.pipeline.support import attrs_of, labels_of, make_cohort, tiny_checkpoint
+from tests.pipeline.support import attrs_of, labels_of, make_cohort, tiny_checkpoint, tree_digest
 
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(path)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _args(cohort: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
@@ -51,18 +42,18 @@ def test_skip_reviewed_keeps_reviewed_cases_bit_identical_and_resegments_the_res
     save_correction(out, reviewed[0], edited)
     arr = zarr.open_group(str(out), mode="r+")[reviewed[1]]["labels"]
     arr.attrs["reviewed"] = True                       # reviewed by another tool
-    kept = {c: _digest(out / c) for c in reviewed}
-    kept_corr = _digest(out / "corrections")
+    kept = {c: tree_digest(out / c) for c in reviewed}
+    kept_corr = tree_digest(out / "corrections")
     old_attrs = attrs_of(out)
 
     # without the flag a new model over the store is refused, nothing touched
     assert segmote_main(["batch", *_args(cohort, out, new)]) == 2
-    assert {c: _digest(out / c) for c in reviewed} == kept
+    assert {c: tree_digest(out / c) for c in reviewed} == kept
 
     assert segmote_main(["batch", *_args(cohort, out, new, "--skip-reviewed")]) == 0
     after, attrs = labels_of(out), attrs_of(out)
-    assert {c: _digest(out / c) for c in reviewed} == kept          # bit-identical
-    assert _digest(out / "corrections") == kept_corr
+    assert {c: tree_digest(out / c) for c in reviewed} == kept          # bit-identical
+    assert tree_digest(out / "corrections") == kept_corr
     np.testing.assert_array_equal(read_correction(out, reviewed[0])[0], edited)
     others = [c for c in ids if c not in reviewed]
     for c in others:                                                # re-segmented, new model
