@@ -44,6 +44,20 @@ def _resolve_modality(image: np.ndarray, modality: str) -> str:
     return "MR"
 
 
+def _checked_image(image: np.ndarray) -> np.ndarray:
+    """``image`` as a (Y, X) or (Y, X, 3) numeric array (alpha dropped), or a clear error."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        image = image[..., :3]
+    elif image.ndim != 2:
+        raise ValueError(f"expected a 2D (Y, X) or (Y, X, 3) image, got shape {image.shape}")
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+        raise TypeError(f"image dtype {image.dtype} is not numeric")
+    if image.size == 0:
+        raise ValueError("image is empty")
+    return image
+
+
 def normalize_intensity(image: np.ndarray, modality: str = "auto",
                         window: str | tuple[float, float] | None = None,
                         hu_offset: float | None = None) -> np.ndarray:
@@ -57,15 +71,7 @@ def normalize_intensity(image: np.ndarray, modality: str = "auto",
     Returns:
         (Y, X, 3) float32.
     """
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] in (3, 4):
-        image = image[..., :3]
-    elif image.ndim != 2:
-        raise ValueError(f"expected a 2D (Y, X) or (Y, X, 3) image, got shape {image.shape}")
-    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-        raise TypeError(f"image dtype {image.dtype} is not numeric")
-    if image.size == 0:
-        raise ValueError("image is empty")
+    image = _checked_image(image)
     m = _resolve_modality(image, modality)
     data = image.astype(np.float32)
     if not np.isfinite(data).all():
@@ -106,15 +112,7 @@ def normalize_to_tensor(image: np.ndarray, modality: str = "auto",
     percentiles and scaling then run where the model is, so a GPU actor does not wait on one
     CPU thread. Equal to :func:`normalize_intensity` to float rounding.
     """
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] in (3, 4):
-        image = image[..., :3]
-    elif image.ndim != 2:
-        raise ValueError(f"expected a 2D (Y, X) or (Y, X, 3) image, got shape {image.shape}")
-    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-        raise TypeError(f"image dtype {image.dtype} is not numeric")
-    if image.size == 0:
-        raise ValueError("image is empty")
+    image = _checked_image(image)
     m = _resolve_modality(image, modality)
     kind = image.dtype
     if kind == bool:
