@@ -58,6 +58,21 @@ def _checked_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def _ct_window(dtype: np.dtype, window: str | tuple[float, float] | None,
+               hu_offset: float | None) -> tuple[float, float, float]:
+    """(low, high) HU of the CT window and the offset from stored values to HU."""
+    if hu_offset is None:
+        hu_offset = -1024.0 if np.issubdtype(dtype, np.unsignedinteger) else 0.0
+    if window is None:
+        window = "soft_tissue"
+    if isinstance(window, str):
+        if window not in CT_WINDOWS:
+            raise ValueError(f"unknown CT window {window!r}; choose from {sorted(CT_WINDOWS)}")
+        window = CT_WINDOWS[window]
+    centre, width = window
+    return centre - width / 2, centre + width / 2, hu_offset
+
+
 def normalize_intensity(image: np.ndarray, modality: str = "auto",
                         window: str | tuple[float, float] | None = None,
                         hu_offset: float | None = None) -> np.ndarray:
@@ -80,16 +95,7 @@ def normalize_intensity(image: np.ndarray, modality: str = "auto",
             raise ValueError("image has no finite values (all NaN/inf)")
         data = np.where(finite, data, np.nanmin(np.where(finite, data, np.nan)))
     if m == "CT":
-        if hu_offset is None:
-            hu_offset = -1024.0 if np.issubdtype(image.dtype, np.unsignedinteger) else 0.0
-        if window is None:
-            window = "soft_tissue"
-        if isinstance(window, str):
-            if window not in CT_WINDOWS:
-                raise ValueError(f"unknown CT window {window!r}; choose from {sorted(CT_WINDOWS)}")
-            window = CT_WINDOWS[window]
-        centre, width = window
-        lo, hi = centre - width / 2, centre + width / 2
+        lo, hi, hu_offset = _ct_window(image.dtype, window, hu_offset)
         data = data + hu_offset
     elif image.dtype == np.uint8:
         lo, hi = 0.0, 255.0
@@ -134,17 +140,8 @@ def normalize_to_tensor(image: np.ndarray, modality: str = "auto",
                 raise ValueError("image has no finite values (all NaN/inf)")
             data = torch.where(finite, data, data[finite].min())
     if m == "CT":
-        if hu_offset is None:
-            hu_offset = -1024.0 if np.issubdtype(kind, np.unsignedinteger) else 0.0
-        if window is None:
-            window = "soft_tissue"
-        if isinstance(window, str):
-            if window not in CT_WINDOWS:
-                raise ValueError(f"unknown CT window {window!r}; choose from {sorted(CT_WINDOWS)}")
-            window = CT_WINDOWS[window]
-        centre, width = window
-        lo = torch.tensor(centre - width / 2, device=dev)
-        hi = torch.tensor(centre + width / 2, device=dev)
+        lo_f, hi_f, hu_offset = _ct_window(kind, window, hu_offset)
+        lo, hi = torch.tensor(lo_f, device=dev), torch.tensor(hi_f, device=dev)
         data = data + hu_offset
     elif kind == np.uint8:
         lo, hi = torch.tensor(0.0, device=dev), torch.tensor(255.0, device=dev)
