@@ -21,8 +21,8 @@ import numpy as np
 from magicgui.widgets import Container, FileEdit, Label, PushButton, Select
 from napari.utils.notifications import show_error, show_info
 
-from segmote_core.review import (OutputStore, QueueEntry, describe, edited_slices, open_output,
-                                 review_queue, save_correction)
+from segmote_core.review import (OutputStore, QueueEntry, SliceEntry, describe, edited_slices,
+                                 open_output, review_queue, save_correction, slice_queue)
 
 from ._reader import output_case_layers
 from .layers import COMMITTED
@@ -55,6 +55,8 @@ class ReviewWidget(Container):
         self.viewer = napari_viewer
         self.store: OutputStore | None = None
         self.entries: list[QueueEntry] = []
+        self.slices: list[SliceEntry] = []     # the cohort's slices, lowest QC first
+        self._slice_pos = -1                   # index in ``slices`` last gone to
         self.case: str | None = None
         self.image_layer: Any = None
         self._baseline: np.ndarray | None = None   # the labels as opened or last saved
@@ -75,10 +77,13 @@ class ReviewWidget(Container):
         self.annotate_button = PushButton(text="Annotate with SegMoTE")
         self.save_button = PushButton(text="Save")
         self.next_button = PushButton(text="Next")
+        self.next_slice_button = PushButton(
+            text="Next worst slice", tooltip="the next pending slice of the cohort, lowest QC "
+                                             "first, whatever its case (review_slices.csv)")
         self.status = Label(value="choose the output store of segmote batch")
         self.status.native.setWordWrap(True)
-        row = Container(widgets=[self.save_button, self.next_button], layout="horizontal",
-                        labels=False)
+        row = Container(widgets=[self.save_button, self.next_button, self.next_slice_button],
+                        layout="horizontal", labels=False)
         row.margins = (0, 0, 0, 0)
         from ._improve import ImprovePanel
 
@@ -92,6 +97,7 @@ class ReviewWidget(Container):
         self.open_button.clicked.connect(g(self._open_selected))
         self.save_button.clicked.connect(g(self.save))
         self.next_button.clicked.connect(g(self.next))
+        self.next_slice_button.clicked.connect(g(self.next_slice))
         self.annotate_button.clicked.connect(g(self.annotate))
         self.worst.changed.connect(g(self._go_to_selected_slice))
 
@@ -131,6 +137,8 @@ class ReviewWidget(Container):
         store.open_cohort()  # fail now, saying where it looked, if the cohort has moved
         self.store = store
         self.entries = review_queue(store)
+        self.slices = slice_queue(store)
+        self._slice_pos = -1
         self.path.value = store.path
         self._refresh_queue()
         done = sum(e.reviewed for e in self.entries)
@@ -204,6 +212,8 @@ class ReviewWidget(Container):
         path = save_correction(self.store, self.case, data, edited=edited)
         self._baseline = np.array(data, copy=True)
         self._entry(self.case).reviewed = True
+        for e in self.slices:
+            e.reviewed = e.reviewed or e.case == self.case
         self._refresh_queue()
         show_info(f"SegMoTE: saved {self.case} ({len(edited)} edited slice(s))")
         self._set_status(f"saved {self.case} to {path} (edited slices: {edited or 'none'})")
@@ -222,6 +232,31 @@ class ReviewWidget(Container):
             self._set_status("every case is reviewed: export with segmote export")
             return None
         return nxt if self.open_case(nxt) else None
+
+    def next_slice(self) -> SliceEntry | None:
+        """Go to the next slice of the cohort's slice queue (lowest QC first) whose case is not
+        reviewed, opening its case when it is another one (asking first if the open case has
+        unsaved edits). The slice queue puts a reviewer's time where the error is: the worst
+        slices of every case before the middling ones of any."""
+        if not self.slices:
+            raise ValueError("load an output store first")
+        n = len(self.slices)
+        for step in range(1, n + 1):
+            pos = (self._slice_pos + step) % n
+            entry = self.slices[pos]
+            if not entry.reviewed:
+                break
+        else:
+            self._set_status("every case is reviewed: export with segmote export")
+            return None
+        if entry.case != self.case and not self.open_case(entry.case):
+            return None
+        self._slice_pos = pos
+        self.go_to_slice(entry.slice)
+        qc_text = "nothing segmented" if math.isnan(entry.qc) else f"QC {entry.qc:.2f}"
+        self._set_status(f"slice {entry.slice} of {entry.case} ({qc_text}; slice {entry.rank} "
+                         f"of {n} in the cohort, lowest QC first)")
+        return entry
 
     def annotate(self) -> Any:
         """Dock the SegMoTE annotator on the open case's image (its labels are adopted)."""

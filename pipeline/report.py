@@ -17,7 +17,8 @@ import numpy as np
 
 from segmote_core.fileio import atomic_write
 
-__all__ = ["REPORT_COLUMNS", "case_row", "write_report", "read_report", "write_review_queue"]
+__all__ = ["REPORT_COLUMNS", "case_row", "write_report", "read_report", "write_review_queue",
+           "write_slice_queue"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def case_row(case: str, status: str, *, error: str = "", slices: int = 0, second
             "expert_usage": json.dumps({str(i): int(n) for i, n in zip(ids, counts)}),
             "shape": "x".join(str(int(s)) for s in shape), "labels": labels,
             "note": "",  # e.g. "input changed since the earlier labels: segmented again"
-            "categories": json.dumps(categories) if categories else ""}
+            "categories": json.dumps(categories) if categories else "",
+            # per slice, for the slice queue (review_slices.csv); not a report column
+            "slice_qc": [None if v is None or not math.isfinite(v) else float(v) for v in qc]}
 
 
 def write_report(out: str | Path, rows: list[dict[str, Any]]) -> Path:
@@ -99,6 +102,25 @@ def write_review_queue(out: str | Path, rows: list[dict[str, Any]]) -> Path:
                         na_position="last").drop(columns="_unrated")
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     target = out / "review_queue.csv"
+    atomic_write(target, lambda tmp: df.to_csv(tmp, index=False))
+    write_slice_queue(out, keep)
+    return target
+
+
+def write_slice_queue(out: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write ``OUT/review_slices.csv``: single slices across the cohort, lowest QC first
+    (:func:`segmote_core.qc.slice_review_order`), the order the Review panel's "Next worst
+    slice" walks. Columns: rank, case, slice, qc (empty: a likely miss, nothing segmented)."""
+    import pandas as pd
+
+    from segmote_core.qc import slice_review_order
+
+    order = slice_review_order({r["case"]: r.get("slice_qc") or [] for r in rows})
+    df = pd.DataFrame([{"rank": i + 1, "case": c, "slice": z,
+                        "qc": round(v, 4) if math.isfinite(v) else None}
+                       for i, (c, z, v) in enumerate(order)],
+                      columns=["rank", "case", "slice", "qc"])
+    target = Path(out) / "review_slices.csv"
     atomic_write(target, lambda tmp: df.to_csv(tmp, index=False))
     return target
 

@@ -9,7 +9,8 @@ OUT.zarr/                 attrs {"segmote": {"kind": "labels", "version": 1},
                           none), confidence (per slice, null = none), slices, seconds, mode,
                           "complete": true written last
   report.parquet / .csv   one row per case (pipeline.report)
-  review_queue.csv        complete cases, least confident first
+  review_queue.csv        complete cases, lowest QC first
+  review_slices.csv       single slices across the cases, lowest QC first
 ```
 A case counts as done only when its ``complete`` flag is true and its signature matches; anything
 else (absent, half written, unreadable attrs) is deleted and redone.

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = ["COMPONENTS", "WEIGHTS", "SliceSignals", "decoder_signals", "segment_with_qc",
-           "volume_signals", "combine", "case_qc", "slice_qc", "worst_slices", "as_json_list", "SIGNALS",
+           "volume_signals", "combine", "case_qc", "slice_qc", "worst_slices",
+           "slice_review_order", "as_json_list", "SIGNALS",
            "empty_signals", "qc_attrs"]
 
 COMPONENTS = ("iou_head", "stability", "reprompt", "neighbours", "area")
@@ -260,6 +261,32 @@ def worst_slices(qc: Sequence[float | None], k: int = 5) -> list[int]:
     """Indices of the ``k`` lowest-QC rated slices, worst first (ties: lower index first)."""
     rated = [(float(v), z) for z, v in enumerate(qc) if v is not None and math.isfinite(v)]
     return [z for _, z in sorted(rated)[:k]]
+
+
+def slice_review_order(per_case: Mapping[str, Sequence[float | None]]
+                       ) -> list[tuple[str, int, float]]:
+    """The review order of single slices across cases: ``(case, slice, qc)``, lowest QC first.
+
+    A reviewer's time goes to slices, not to cases: a 34-slice brain whose worst quarter is
+    poor should not hold back a worse X-ray behind its 30 good slices. Slices where nothing was
+    segmented (QC null) come first when they are likely misses: every slice of a case that has
+    no segmented slice at all (an empty 2D pre-label), and an empty slice *between* segmented
+    ones (a gap inside an organ); empty slices beyond the first or last segmented slice are
+    the volume's ends, where nothing is expected, and are not listed. Ties: case, then slice.
+    """
+    missed: list[tuple[str, int, float]] = []
+    rated: list[tuple[float, str, int]] = []
+    for case, values in per_case.items():
+        qc = [float("nan") if v is None else float(v) for v in values]
+        seg = [z for z, v in enumerate(qc) if math.isfinite(v)]
+        lo, hi = (seg[0], seg[-1]) if seg else (0, len(qc) - 1)
+        for z, v in enumerate(qc):
+            if math.isfinite(v):
+                rated.append((v, case, z))
+            elif not seg or lo < z < hi:
+                missed.append((case, z, float("nan")))
+    missed.sort(key=lambda t: (t[0], t[1]))
+    return missed + [(case, z, v) for v, case, z in sorted(rated)]
 
 
 def as_json_list(values: Sequence[float], digits: int = 4) -> list[float | None]:

@@ -33,6 +33,7 @@ import numpy as np
 from .fileio import atomic_write_dir
 
 __all__ = ["OutputStoreError", "OutputStore", "open_output", "QueueEntry", "review_queue",
+           "SliceEntry", "slice_queue",
            "read_correction", "save_correction", "edited_slices", "describe", "CORRECTIONS"]
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,31 @@ def review_queue(out: str | Path | OutputStore) -> list[QueueEntry]:
     for e in entries:
         e.reviewed = read_correction(store, e.case, data=False) is not None
     return entries
+
+
+@dataclass
+class SliceEntry:
+    """One slice of the cohort's slice queue (``review_slices.csv``)."""
+
+    rank: int
+    case: str
+    slice: int
+    qc: float
+    reviewed: bool = False
+
+
+def slice_queue(out: str | Path | OutputStore) -> list[SliceEntry]:
+    """Single slices of the complete cases, lowest QC first (likely misses first), as
+    :func:`segmote_core.qc.slice_review_order` ranks them, from the QC stored with each case
+    (the truth ``review_slices.csv`` is written from); ``reviewed``: its case has a saved
+    correction."""
+    from .qc import slice_review_order
+
+    store = out if isinstance(out, OutputStore) else open_output(out)
+    order = slice_review_order({case: store.qc(case) for case in store.case_ids()})
+    done = {case: read_correction(store, case, data=False) is not None
+            for case in {c for c, _, _ in order}}
+    return [SliceEntry(i + 1, c, z, v, done[c]) for i, (c, z, v) in enumerate(order)]
 
 
 # ------------------------------------------------------------------------------ corrections

@@ -40,7 +40,8 @@ _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: names a store keeps for itself (the batch report and review queue, the reviewers'
 #: corrections folder, zarr's metadata, the lock and ingest report beside a store): never case
 #: ids, whatever their case.
-RESERVED_NAMES = frozenset({"report.parquet", "report.csv", "review_queue.csv", "corrections",
+RESERVED_NAMES = frozenset({"report.parquet", "report.csv", "review_queue.csv",
+                            "review_slices.csv", "corrections",
                             "zarr.json", ".zgroup", ".zarray", ".zattrs"})
 _RESERVED_SUFFIXES = (".lock", ".ingest_report.csv")
 

@@ -106,6 +106,35 @@ def test_open_edit_save_next_reopen(make_napari_viewer, output, qtbot, tiny_mode
     assert widget2.next() == "vol_b"
 
 
+def test_next_worst_slice_walks_the_cohort(make_napari_viewer, output):
+    from napari_segmote.layers import COMMITTED
+
+    out, _, _ = output
+    viewer, widget = _review(make_napari_viewer)
+    widget.load(out)
+    # the cohort's slices lowest QC first, whatever the case: vol_a 1 (0.3), vol_b 3 (0.6), ...
+    assert [(e.case, e.slice) for e in widget.slices][:4] == [("vol_a", 1), ("vol_b", 3),
+                                                              ("vol_b", 0), ("vol_b", 1)]
+    got = widget.next_slice()
+    assert (got.case, got.slice, widget.case) == ("vol_a", 1, "vol_a")
+    assert int(round(viewer.dims.point[0] / 2.0)) == 1
+    viewer.layers[COMMITTED].paint((1, 25, 30), 2)
+    asked = []
+    widget.confirm = lambda q: asked.append(q) or False   # unsaved edits: "no" stays
+    assert widget.next_slice() is None and widget.case == "vol_a" and asked
+    widget.save()
+    got = widget.next_slice()
+    assert (got.case, got.slice, widget.case) == ("vol_b", 3, "vol_b")
+    assert int(round(viewer.dims.point[0] / 2.0)) == 3
+    assert "slice 2 of 9" in widget.status.value
+    widget.save()
+    # vol_a and vol_b reviewed: their slices are skipped, the 2D case is left
+    got = widget.next_slice()
+    assert (got.case, got.slice) == ("skin", 0)
+    widget.save()
+    assert widget.next_slice() is None and "every case is reviewed" in widget.status.value
+
+
 def test_reader_opens_an_output_store_or_a_case(make_napari_viewer, output, tmp_path):
     from napari_segmote._reader import napari_get_reader
 

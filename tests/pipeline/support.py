@@ -79,3 +79,52 @@ def tree_digest(path: Path) -> str:
             h.update(str(f.relative_to(path)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def complete_cases(out: Path) -> list[str]:
+    """Cases of the output store ``out`` whose ``complete`` flag is set (none while it is being
+    created)."""
+    import zarr
+
+    if not (out / "zarr.json").exists():
+        return []
+    try:
+        root = zarr.open_group(str(out), mode="r")
+        return [n for n, g in root.groups()
+                if "labels" in g and g["labels"].attrs.get("complete") is True]
+    except Exception:  # a metadata file being written right now
+        return []
+
+
+def kill_after_first_case(cmd: list[str], out: Path, timeout: float = 240
+                          ) -> tuple[list[str], list]:
+    """Run ``cmd`` (a ``segmote batch`` driver) in a subprocess and SIGKILL it, with Ray's
+    processes it started, as soon as one case of ``out`` is complete. Returns the cases complete
+    then and the processes killed (to check that none survived)."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    driver = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    proc = psutil.Process(driver.pid)
+    children: list = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not complete_cases(out):
+            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, f"no case completed within {timeout:.0f} s"
+            children = proc.children(recursive=True) or children
+            time.sleep(0.02)
+        children = proc.children(recursive=True) or children
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        for p in [proc, *children]:  # Ray's own processes of the killed driver, by pid
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs([proc, *children], timeout=20)
+    return complete_cases(out), [proc, *children]

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import zarr
@@ -30,8 +28,8 @@ from segmote_core.categories import resolve_categories, segment_categories
 from segmote_core.cli import main as segmote_main
 from segmote_core.io import open_cohort
 from segmote_core.predictor import SegMoTEPredictor
-from tests.pipeline.support import REPO, attrs_of, labels_of, make_cohort, subprocess_env
-from tests.pipeline.test_ray import _complete_cases, _kill_tree
+from tests.pipeline.support import (REPO, attrs_of, kill_after_first_case, labels_of,
+                                    make_cohort, subprocess_env)
 
 VOCAB = ("liver", "kidney", "spine", "lung")
 CATS = ["liver", "kidney", "spine"]
@@ -177,22 +175,7 @@ def test_sigkill_then_resume_equals_uninterrupted_multi_category_run(setup, refe
     ref_out = reference[0]
     out = work / "killed.zarr"
     cmd = [sys.executable, "-m", "pipeline", *_args(cohort, out, ckpt)]
-    driver = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    proc = psutil.Process(driver.pid)
-    children: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 240
-        while not _complete_cases(out):
-            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no case completed within 240 s"
-            children = proc.children(recursive=True) or children
-            time.sleep(0.02)
-        children = proc.children(recursive=True) or children
-        driver.send_signal(9)
-    finally:
-        _kill_tree(proc, children)
-    done_before = _complete_cases(out)
+    done_before, _ = kill_after_first_case(cmd, out)
     assert 1 <= len(done_before) < len(CASES), done_before
     assert segmote_main(["batch", *_args(cohort, out, ckpt)]) == 0
     report = read_report(out).set_index("case")

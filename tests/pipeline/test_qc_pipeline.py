@@ -45,6 +45,8 @@ def test_review_queue_ranks_the_planted_bad_slice_first(planted_cohort, tmp_path
     assert queue.case.tolist()[0] == BAD_CASE
     assert queue["rank"].tolist() == [1, 2, 3]
     assert int(str(queue.worst_slices[0]).split()[0]) == BAD_SLICE
+    slices = pd.read_csv(out / "review_slices.csv")
+    assert (slices.case[0], slices.slice[0]) == (BAD_CASE, BAD_SLICE)
     root = zarr.open_group(str(out), mode="r")
     report = read_report(out).set_index("case")
     for case_id in ("brain_a", BAD_CASE, "brain_c"):

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import zarr
 
 from pipeline.report import read_report
 from segmote_core.build import load_segmote
@@ -25,7 +22,7 @@ from segmote_core.cli import main as segmote_main
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort
 from segmote_core.qc import case_qc
-from tests.pipeline.support import (REPO, attrs_of, labels_of, make_cohort, subprocess_env,
+from tests.pipeline.support import (attrs_of, kill_after_first_case, labels_of, make_cohort,
                                     tiny_checkpoint, tree_digest)
 
 SLICES = 6
@@ -105,47 +102,12 @@ def test_corrupt_case_is_reported_and_the_rest_complete(setup, reference):
     assert queue.qc.is_monotonic_increasing
 
 
-def _kill_tree(proc: psutil.Process, children: list[psutil.Process]) -> None:
-    for p in [proc, *children]:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs([proc, *children], timeout=20)
-
-
-def _complete_cases(out: Path) -> list[str]:
-    if not (out / "zarr.json").exists():
-        return []
-    try:
-        root = zarr.open_group(str(out), mode="r")
-        return [n for n, g in root.groups()
-                if "labels" in g and g["labels"].attrs.get("complete") is True]
-    except Exception:  # a metadata file being written right now
-        return []
-
-
 def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
     work, ckpt, cohort = setup
     ref_out = reference[0]
     out = work / "killed.zarr"
     cmd = [sys.executable, "-m", "pipeline", *_args(cohort, out, ckpt)]
-    driver = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    proc = psutil.Process(driver.pid)
-    children: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 240
-        while not _complete_cases(out):
-            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no case completed within 240 s"
-            children = proc.children(recursive=True) or children
-            time.sleep(0.02)
-        children = proc.children(recursive=True) or children
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        _kill_tree(proc, children)  # Ray's own processes of the killed driver, by pid
-    done_before = _complete_cases(out)
+    done_before, killed = kill_after_first_case(cmd, out)
     assert 1 <= len(done_before) < len(GOOD), done_before  # killed part way
     rc = segmote_main(["batch", *_args(cohort, out, ckpt)])
     assert rc == 1  # only the corrupt case fails
@@ -163,5 +125,5 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
         assert attrs[case_id]["expert"] == ref_attrs[case_id]["expert"]
         np.testing.assert_allclose(attrs[case_id]["confidence"],
                                    ref_attrs[case_id]["confidence"], atol=1e-6)
-    assert not [p for p in [proc, *children] if p.is_running()
+    assert not [p for p in killed if p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE]

@@ -113,6 +113,25 @@ def test_report_and_review_queue(tmp_path):
     # nothing segmented first, then lowest QC first; the router confidence is not the order
     assert q.case.tolist() == ["d", "a", "b"]
     assert q.worst_slices.astype(str).tolist() == ["", "0 1 2", "1 0"]
+    # the slice queue: every slice of the cohort, lowest QC first; the empty 2D case "d" first
+    # (a likely miss), "a"'s empty last slice is the volume's end, not listed
+    s = pd.read_csv(tmp_path / "review_slices.csv")
+    assert list(zip(s.case, s.slice)) == [("d", 0), ("a", 0), ("a", 1), ("b", 1), ("a", 2),
+                                          ("b", 0)]  # ties: case, then slice
+    assert s["rank"].tolist() == list(range(1, 7)) and np.isnan(s.qc[0])
+    assert s.qc[1:].tolist() == pytest.approx([0.2, 0.6, 0.7, 0.9, 0.9])
+
+
+def test_slice_review_order_lists_gaps_not_volume_ends():
+    from segmote_core.qc import slice_review_order
+
+    order = slice_review_order({"v": [None, 0.8, None, 0.5, 0.9, None],
+                                "w": [0.7], "x": [None, None], "y": []})
+    # x: nothing segmented at all (both slices listed, first); v's slice 2 is a gap between
+    # segmented slices (a likely miss); v's slices 0 and 5 lie beyond its segmented range
+    assert [(c, z) for c, z, _ in order] == [("v", 2), ("x", 0), ("x", 1), ("v", 3), ("w", 0),
+                                             ("v", 1), ("v", 4)]
+    assert [v for _, _, v in order][3:] == [0.5, 0.7, 0.8, 0.9]
 
 
 def test_worker_matches_segment_batch_and_reports_errors(tmp_path):
