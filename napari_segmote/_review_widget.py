@@ -173,6 +173,7 @@ class ReviewWidget(Container):
         (img, img_kw, _), (lab, lab_kw, _) = layers
         self.image_layer = self.viewer.add_image(img, **img_kw)
         labels = self.viewer.add_labels(np.array(lab, copy=True), **lab_kw)
+        self.viewer.reset_view()   # the new case fills the canvas, whatever the last one's size
         self._prelabel = np.asarray(self.store.prelabels(case)[...])
         self._baseline = np.array(labels.data, copy=True)
         self.case = case

@@ -68,7 +68,11 @@ def main() -> None:
     widget.load(out)
     widget.open_case(widget.entries[0].case)  # the lowest QC: it opens at its worst slice
     widget.save()                               # accepted as it is: reviewed
-    widget.next()                               # the next pending case, at its worst slice
+    entry = widget.next_slice()                 # the cohort's worst slice of a pending case
+    log.info("next worst slice: %s slice %d (QC %.2f)", entry.case, entry.slice, entry.qc)
+    for _ in range(30):
+        QApplication.processEvents()
+    viewer.reset_view()   # fit to the canvas as resized (the window was resized after creation)
     for _ in range(30):
         QApplication.processEvents()
     args.out.parent.mkdir(parents=True, exist_ok=True)
