@@ -2,8 +2,10 @@
 
     python benchmarks/bench_pipeline.py [--cases 5 20] [--slices 6] [--threads 2]
 
-1. Throughput on the largest cohort: the bare loop (``segment_batch`` over every case, reading
-   the zarr input and writing zarr labels, one process, ``--threads`` torch threads) against
+1. Throughput on the largest cohort: the bare loop (the same job as a pipeline worker and
+   driver: ``segment_with_qc`` over every case, i.e. the masks and the QC signals, then the
+   case's QC attrs, reading the zarr input and writing zarr labels, one process,
+   ``--threads`` torch threads) against
    ``segmote batch`` on a local Ray (one actor with the same threads, same batch size). Both are
    reported with and without start-up (bare: model load; pipeline: Ray + actor + model load).
    Target: pipeline >= 0.85x of the bare loop.
@@ -54,8 +56,8 @@ def bare_loop(cohort: Path, out: Path, ckpt: Path, batch_size: int, threads: int
     import zarr
 
     from segmote_core.build import load_segmote
-    from segmote_core.inference import segment_batch
     from segmote_core.io import open_cohort
+    from segmote_core.qc import qc_attrs, segment_with_qc
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -68,13 +70,18 @@ def bare_loop(cohort: Path, out: Path, ckpt: Path, batch_size: int, threads: int
         image = coh.case(case_id).image
         labels = root.create_group(case_id).create_array(
             "labels", shape=image.shape, dtype="uint8", chunks=(1, *image.shape[1:]))
-        conf = []
+        conf, signals, masks = [], [], []
         for z in range(0, image.shape[0], batch_size):
-            res = segment_batch(model, np.asarray(image[z:z + batch_size]), "CT")
+            res, sig = segment_with_qc(model, np.asarray(image[z:z + batch_size]), "CT")
             labels[z:z + len(res.masks)] = res.masks.astype(np.uint8)
             conf += res.confidence.tolist()
+            signals.append(sig.as_dict())
+            masks.append(res.masks)
             slices += len(res.masks)
-        labels.attrs.update({"confidence": conf, "complete": True})
+        sig = {k: np.concatenate([s[k] for s in signals]) for k in signals[0]}
+        every = np.concatenate(masks)
+        labels.attrs.update({"confidence": conf, **qc_attrs(sig, lambda z: every[z]),
+                             "complete": True})
     total = time.perf_counter() - t0
     return {"slices": slices, "seconds": total, "load_seconds": t_load}
 
