@@ -102,7 +102,7 @@ def test_corrupt_case_is_reported_and_the_rest_complete(setup, reference):
     assert queue.qc.is_monotonic_increasing
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
+def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference, capsys):
     work, ckpt, cohort = setup
     ref_out = reference[0]
     out = work / "killed.zarr"
@@ -111,6 +111,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
     assert 1 <= len(done_before) < len(GOOD), done_before  # killed part way
     rc = segmote_main(["batch", *_args(cohort, out, ckpt)])
     assert rc == 1  # only the corrupt case fails
+    printed = capsys.readouterr().out
+    assert f"review queue (lowest QC first): {out / 'review_queue.csv'}" in printed
+    assert f"slice queue (worst slices across the cases first): {out / 'review_slices.csv'}" \
+        in printed
     report = read_report(out).set_index("case")
     assert sorted(report.index[report.status == "skipped"]) == sorted(done_before)
     assert sorted(report.index[report.status == "done"]) == sorted(set(GOOD) - set(done_before))
