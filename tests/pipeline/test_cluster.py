@@ -75,6 +75,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # a second Ray head and a joining driver: ~100 s on 2 cores; runs in CI after the default run
 def test_join_cluster_with_address_and_refuse_other_model(tmp_path, ray_head):
     address, head, family = ray_head
     ckpt_a = tiny_checkpoint(tmp_path / "a.safetensors", seed=0)

@@ -145,6 +145,7 @@ def test_poisoned_worker_fails_every_later_call(setup):
         w(SliceTask("ok", 0, img, "CT"))
 
 
+@pytest.mark.slow  # an actor killed and replaced mid-run: ~60 s on 2 cores; runs in CI after the default run
 def test_poisoned_actor_is_replaced_and_the_other_cases_complete(setup, tmp_path):
     """One actor; case_001's batch poisons it. Before: every later batch on it failed too.
     Now the actor is replaced: case_001 fails, naming the error; case_000 and case_002 are
