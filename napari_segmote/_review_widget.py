@@ -213,8 +213,6 @@ class ReviewWidget(Container):
         path = save_correction(self.store, self.case, data, edited=edited)
         self._baseline = np.array(data, copy=True)
         self._entry(self.case).reviewed = True
-        for e in self.slices:
-            e.reviewed = e.reviewed or e.case == self.case
         self._refresh_queue()
         show_info(f"SegMoTE: saved {self.case} ({len(edited)} edited slice(s))")
         self._set_status(f"saved {self.case} to {path} (edited slices: {edited or 'none'})")
@@ -241,11 +239,12 @@ class ReviewWidget(Container):
         slices of every case before the middling ones of any."""
         if not self.slices:
             raise ValueError("load an output store first")
+        reviewed = {e.case for e in self.entries if e.reviewed}
         n = len(self.slices)
         for step in range(1, n + 1):
             pos = (self._slice_pos + step) % n
             entry = self.slices[pos]
-            if not entry.reviewed:
+            if entry.case not in reviewed:
                 break
         else:
             self._set_status("every case is reviewed: export with segmote export")

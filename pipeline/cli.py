@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Sequence
 
 __all__ = ["register", "run", "main", "add_arguments"]
@@ -153,9 +152,9 @@ def run(args: argparse.Namespace) -> int:
         f"  report: {summary.report}",
         f"  review queue (lowest QC first): {summary.review_queue}",
     ]
-    if summary.review_queue:
-        slices = Path(summary.review_queue).with_name("review_slices.csv")
-        lines.append(f"  slice queue (worst slices across the cases first): {slices}")
+    if summary.review_slices:
+        lines.append(f"  slice queue (worst slices across the cases first): "
+                     f"{summary.review_slices}")
     for row in summary.rows:
         if row["status"] == "failed":
             lines.append(f"  FAILED {row['case']}: {row['error']}")

@@ -41,7 +41,7 @@ def case_row(case: str, status: str, *, error: str = "", slices: int = 0, second
     (:func:`segmote_core.qc.case_qc`), its lowest slice, its worst slices and the empty ones.
     ``categories`` (``segmote batch --categories``): per category its label value, QC, lowest
     slice QC, empty slices and mean router confidence, kept as JSON (empty without)."""
-    from segmote_core.qc import case_qc, worst_slices
+    from segmote_core.qc import as_json_list, case_qc, worst_slices
 
     rated = [float(v) for v in qc if v is not None and math.isfinite(v)]
     conf = np.asarray([c for c in confidence if c is not None and math.isfinite(c)], np.float64)
@@ -59,7 +59,7 @@ def case_row(case: str, status: str, *, error: str = "", slices: int = 0, second
             "note": "",  # e.g. "input changed since the earlier labels: segmented again"
             "categories": json.dumps(categories) if categories else "",
             # per slice, for the slice queue (review_slices.csv); not a report column
-            "slice_qc": [None if v is None or not math.isfinite(v) else float(v) for v in qc]}
+            "slice_qc": as_json_list(qc)}
 
 
 def write_report(out: str | Path, rows: list[dict[str, Any]]) -> Path:
@@ -103,19 +103,20 @@ def write_review_queue(out: str | Path, rows: list[dict[str, Any]]) -> Path:
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     target = out / "review_queue.csv"
     atomic_write(target, lambda tmp: df.to_csv(tmp, index=False))
-    write_slice_queue(out, keep)
     return target
 
 
 def write_slice_queue(out: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Write ``OUT/review_slices.csv``: single slices across the cohort, lowest QC first
     (:func:`segmote_core.qc.slice_review_order`), the order the Review panel's "Next worst
-    slice" walks. Columns: rank, case, slice, qc (empty: a likely miss, nothing segmented)."""
+    slice" walks, over the cases the case queue lists. Columns: rank, case, slice, qc (empty: a
+    likely miss, nothing segmented)."""
     import pandas as pd
 
     from segmote_core.qc import slice_review_order
 
-    order = slice_review_order({r["case"]: r.get("slice_qc") or [] for r in rows})
+    order = slice_review_order({r["case"]: r.get("slice_qc") or [] for r in rows
+                                if r["status"] in ("done", "skipped")})
     df = pd.DataFrame([{"rank": i + 1, "case": c, "slice": z,
                         "qc": round(v, 4) if math.isfinite(v) else None}
                        for i, (c, z, v) in enumerate(order)],

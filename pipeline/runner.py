@@ -25,7 +25,7 @@ from segmote_core.locking import StoreLock
 from .cases import CaseError, CaseInput, batch_count, iter_tasks, open_case
 from .engine import ActorPool, PoolConfig, ray_session, resolve_pool
 from .labelmap import CategoryBook, category_summary, check_categories
-from .report import case_row, write_report, write_review_queue
+from .report import case_row, write_report, write_review_queue, write_slice_queue
 from .store import OutputStore, OutputStoreMismatchError
 from .worker import ModelSpec, SliceBatchResult, SliceTask, peak_rss_mb
 
@@ -100,6 +100,7 @@ class BatchSummary:
     driver_peak_rss_mb: float = 0.0
     report: str = ""
     review_queue: str = ""
+    review_slices: str = ""
     report_error: str = ""
 
     @property
@@ -404,6 +405,7 @@ def write_outputs(out: Path, summary: BatchSummary) -> None:
     try:
         summary.report = str(write_report(out, summary.rows))
         summary.review_queue = str(write_review_queue(out, summary.rows))
+        summary.review_slices = str(write_slice_queue(out, summary.rows))
     except OSError as exc:
         summary.report_error = (f"cannot write the report to {out}: {type(exc).__name__}: "
                                 f"{exc}; complete cases are kept: free space (or fix the "

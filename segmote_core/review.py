@@ -212,21 +212,18 @@ class SliceEntry:
     case: str
     slice: int
     qc: float
-    reviewed: bool = False
 
 
 def slice_queue(out: str | Path | OutputStore) -> list[SliceEntry]:
     """Single slices of the complete cases, lowest QC first (likely misses first), as
     :func:`segmote_core.qc.slice_review_order` ranks them, from the QC stored with each case
-    (the truth ``review_slices.csv`` is written from); ``reviewed``: its case has a saved
-    correction."""
+    (the same values ``review_slices.csv`` is written from). Whether a slice's case is reviewed
+    is the case queue's to say (:func:`review_queue`)."""
     from .qc import slice_review_order
 
     store = out if isinstance(out, OutputStore) else open_output(out)
     order = slice_review_order({case: store.qc(case) for case in store.case_ids()})
-    done = {case: read_correction(store, case, data=False) is not None
-            for case in {c for c, _, _ in order}}
-    return [SliceEntry(i + 1, c, z, v, done[c]) for i, (c, z, v) in enumerate(order)]
+    return [SliceEntry(i + 1, c, z, v) for i, (c, z, v) in enumerate(order)]
 
 
 # ------------------------------------------------------------------------------ corrections

@@ -10,7 +10,8 @@ import pytest
 import zarr
 
 from pipeline.cases import CaseError, boxes_from_labels, iter_tasks, open_case, read_batch
-from pipeline.report import case_row, read_report, write_report, write_review_queue
+from pipeline.report import (case_row, read_report, write_report, write_review_queue,
+                             write_slice_queue)
 from pipeline.store import OutputStore, OutputStoreMismatchError
 from pipeline.worker import ModelSpec, SegmentWorker, SliceTask
 from segmote_core.inference import segment_batch
@@ -115,7 +116,7 @@ def test_report_and_review_queue(tmp_path):
     assert q.worst_slices.astype(str).tolist() == ["", "0 1 2", "1 0"]
     # the slice queue: every slice of the cohort, lowest QC first; the empty 2D case "d" first
     # (a likely miss), "a"'s empty last slice is the volume's end, not listed
-    s = pd.read_csv(tmp_path / "review_slices.csv")
+    s = pd.read_csv(write_slice_queue(tmp_path, rows))
     assert list(zip(s.case, s.slice)) == [("d", 0), ("a", 0), ("a", 1), ("b", 1), ("a", 2),
                                           ("b", 0)]  # ties: case, then slice
     assert s["rank"].tolist() == list(range(1, 7)) and np.isnan(s.qc[0])
