@@ -1,7 +1,9 @@
 """One writer per store: an exclusive lock file beside the store.
 
-``cohort.zarr`` is locked by ``cohort.zarr.lock``, a small JSON file created with ``O_EXCL`` (so
-two processes can never both create it, also on network file systems that honour ``O_EXCL``). It
+``cohort.zarr`` is locked by ``cohort.zarr.lock``, a small JSON file written whole to a temporary
+file and hard-linked to that name (``link`` fails when the name exists, as ``O_EXCL`` does, so two
+processes can never both take it; and the lock is never seen empty, also when its writer is killed
+while taking it). Where the file system has no hard links, ``O_EXCL`` creation is used. It
 names its holder: host, process id, the process's start time (so a reused pid is not taken for the
 holder), what it is doing and since when. A second writer gets :class:`StoreLockedError` naming
 the holder. A lock whose holder is gone is *stale*:
@@ -22,6 +24,8 @@ with StoreLock("labels.zarr", "segmote batch"):
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +40,9 @@ __all__ = ["StoreLock", "StoreLockedError", "lock_path", "read_lock"]
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
+# this host in temporary file names (a pid means nothing on another host)
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
 
 
 class StoreLockedError(RuntimeError):
@@ -133,27 +140,77 @@ class StoreLock:
         except OSError as exc:
             raise type(exc)(exc.errno, f"cannot create the folder of {self.store} "
                                        f"({exc.strerror})") from exc
+        self._sweep_temps()
         for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._handle_existing()
-                continue
-            except OSError as exc:  # read-only or missing folder, disk full, permissions
-                raise type(exc)(exc.errno, f"cannot create the lock file {self.path} "
-                                           f"({exc.strerror}): is the folder writable?") from exc
+            if self._publish():
+                self.held = True
+                return
+            self._handle_existing()
+        raise StoreLockedError(f"{self.store}: could not take the lock {self.path} (another "
+                               f"process keeps taking it); retry")
+
+    def _temp_name(self, pid: int) -> Path:
+        return self.path.with_name(f".{self.path.name}.{_HOST_TAG}.{pid}.{self.token}.tmp")
+
+    def _publish(self) -> bool:
+        """Create the lock file whole, or report that it exists (``False``).
+
+        The record is written and fsynced to a temporary file first, then hard-linked to the
+        lock's name: ``link`` fails if the name exists, as ``O_EXCL`` does, and the lock is
+        never seen empty, not by a reader polling it, nor after this process is killed
+        mid-write (an empty lock would block every later writer as 'unknown')."""
+        temp = self._temp_name(os.getpid())
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:  # read-only or missing folder, disk full, permissions
+            raise type(exc)(exc.errno, f"cannot create the lock file {self.path} "
+                                       f"({exc.strerror}): is the folder writable?") from exc
+        try:
             try:
                 os.write(fd, json.dumps(self._record()).encode())
                 os.fsync(fd)
-            except BaseException:
+            finally:
                 os.close(fd)
-                self.path.unlink(missing_ok=True)
-                raise
+            try:
+                os.link(temp, self.path)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise type(exc)(exc.errno, f"cannot create the lock file {self.path} "
+                                               f"({exc.strerror})") from exc
+                return self._publish_without_links(temp)
+            return True
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _publish_without_links(self, temp: Path) -> bool:
+        """File systems without hard links: ``O_EXCL`` create, then write (a short window in
+        which the lock is empty remains there)."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, temp.read_bytes())
+            os.fsync(fd)
+        except BaseException:
             os.close(fd)
-            self.held = True
-            return
-        raise StoreLockedError(f"{self.store}: could not take the lock {self.path} (another "
-                               f"process keeps taking it); retry")
+            self.path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return True
+
+    def _sweep_temps(self) -> None:
+        """Remove the temporary records of writers of this machine killed while taking the
+        lock (they never became the lock; nobody else removes them)."""
+        for temp in self.path.parent.glob(f".{self.path.name}.{_HOST_TAG}.*.tmp"):
+            try:
+                pid = int(temp.name.rsplit(".", 3)[-3])
+            except ValueError:
+                continue
+            if not _alive(pid, None):
+                temp.unlink(missing_ok=True)
 
     def _handle_existing(self) -> None:
         """Remove a stale lock (its holder is gone) or raise naming the live holder."""

@@ -260,3 +260,44 @@ def test_a_forked_child_never_releases_its_parents_lock(tmp_path):
 def test_lock_creates_the_stores_folder_as_the_store_would(tmp_path):
     with StoreLock(tmp_path / "new" / "deeper" / "c.zarr", "segmote ingest") as lock:
         assert lock.path == tmp_path / "new" / "deeper" / "c.zarr.lock" and lock.path.exists()
+
+
+_KILLED_TAKING_LOCK = """
+import os, signal, sys
+from segmote_core import locking
+locking.os.write = lambda fd, data: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-write
+locking.StoreLock(sys.argv[1], "segmote review")
+"""
+
+
+def test_a_writer_killed_while_taking_the_lock_leaves_no_lock_behind(tmp_path):
+    """The lock file appears whole or not at all: a writer SIGKILLed while writing its record
+    (the CI's killed-save test once caught that window) must not leave an empty lock that
+    every later writer refuses as 'an unknown process'."""
+    store = tmp_path / "s.zarr"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_TAKING_LOCK, str(store)], env=env,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert not lock_path(store).exists()
+    with StoreLock(store, "segmote batch") as lock:   # the next writer takes it at once
+        assert json.loads(lock_path(store).read_text())["token"] == lock.token
+    assert sorted(p.name for p in tmp_path.iterdir()) == []   # nor any half-written file
+
+
+def test_the_lock_file_is_never_seen_empty(tmp_path):
+    """A second writer polling the lock while the first takes and drops it again and again
+    sees it absent or whole, never empty (which it would have to refuse as unreadable)."""
+    store = tmp_path / "s.zarr"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    taker = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom segmote_core.locking import StoreLock\n"
+         "for _ in range(400):\n    StoreLock(sys.argv[1], 'x').release()\n", str(store)],
+        env=env)
+    from segmote_core.locking import read_lock
+    seen = {"absent": 0, "whole": 0, "empty": 0}
+    while taker.poll() is None:
+        got = read_lock(lock_path(store))
+        seen["absent" if got is None else "whole" if got else "empty"] += 1
+    assert taker.returncode == 0
+    assert seen["empty"] == 0, seen
