@@ -33,7 +33,7 @@ import torch
 from segmote_core.build import demo_model_path, load_demo_model
 from segmote_core.cache import EmbeddingCache, data_signature
 from segmote_core.finetune import FineTuneConfig, finetune_from_store
-from segmote_core.inference import decode_auto, embed_slices, stack_embeddings
+from segmote_core.inference import decode_auto, stack_embeddings
 from segmote_core.io import open_cohort, write_case
 from segmote_core.io.cohort import create_cohort
 from segmote_core.predictor import SegMoTEPredictor, model_signature

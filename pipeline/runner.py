@@ -27,7 +27,7 @@ from .engine import ActorPool, PoolConfig, ray_session, resolve_pool
 from .labelmap import CategoryBook, category_summary, check_categories
 from .report import case_row, write_report, write_review_queue, write_slice_queue
 from .store import OutputStore, OutputStoreMismatchError
-from .worker import ModelSpec, SliceBatchResult, SliceTask, peak_rss_mb
+from .worker import ModelSpec, SliceBatchResult, SliceTask, check_auto_trained, peak_rss_mb
 
 __all__ = ["BatchOptions", "BatchSummary", "run_batch", "OutputStoreMismatchError"]
 
@@ -254,32 +254,6 @@ def _signature(worker_sig: dict[str, Any], opts: BatchOptions) -> dict[str, Any]
     return sig
 
 
-def _check_auto(spec: ModelSpec) -> None:
-    """Refuse prompt-free mode for a model whose PPT was never trained, from its files alone,
-    before Ray and the model start (random PPT queries would segment noise and report it done).
-
-    Raises:
-        ValueError: saying to use ``--mode box`` or to train first.
-    """
-    from segmote_core.trained import auto_refusal
-
-    if spec.segmote_checkpoint:
-        from segmote_core.checkpoint import read_checkpoint_info
-        from segmote_core.config import SegMoTEConfig
-        from segmote_core.trained import recorded_parts
-
-        info = read_checkpoint_info(spec.segmote_checkpoint)
-        config = SegMoTEConfig.from_dict(info["config"])
-        reason = auto_refusal(config.use_ppt, recorded_parts(info, config),
-                              str(spec.segmote_checkpoint))
-    elif spec.sam_checkpoint or spec.model_type == "lite_medsam":
-        reason = auto_refusal(False, set(), spec.sam_checkpoint or spec.model_type)
-    else:
-        reason = None  # the bundled demo model: trained
-    if reason:
-        raise ValueError(reason)
-
-
 def _select(opts: BatchOptions) -> tuple[Any, list[str]]:
     try:
         cohort = open_cohort(opts.cohort)
@@ -307,7 +281,7 @@ def run_batch(opts: BatchOptions) -> BatchSummary:
     opts.check()
     opts.model.check_files()
     if opts.mode == "auto":
-        _check_auto(opts.model)
+        check_auto_trained(opts.model)
     if opts.categories:  # before the lock and Ray: an unknown name costs nothing
         opts = replace(opts, categories=check_categories(opts.categories, opts.model, opts.mode))
     t_start = time.perf_counter()

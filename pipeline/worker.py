@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ModelSpec", "SliceTask", "SliceBatchResult", "SegmentWorker", "peak_rss_mb",
-           "WorkerPoisonedError", "NoCudaError"]
+           "WorkerPoisonedError", "NoCudaError", "check_auto_trained"]
 
 log = logging.getLogger(__name__)
 
@@ -302,3 +302,28 @@ def _free_cuda() -> None:
     except Exception:  # noqa: BLE001 - best effort
         pass
 
+
+def check_auto_trained(spec: ModelSpec) -> None:
+    """Refuse prompt-free mode for a model whose PPT was never trained, from its files alone,
+    before Ray and the model start (random PPT queries would segment noise and report it done).
+
+    Raises:
+        ValueError: saying to use ``--mode box`` or to train first.
+    """
+    from segmote_core.trained import auto_refusal
+
+    if spec.segmote_checkpoint:
+        from segmote_core.checkpoint import read_checkpoint_info
+        from segmote_core.config import SegMoTEConfig
+        from segmote_core.trained import recorded_parts
+
+        info = read_checkpoint_info(spec.segmote_checkpoint)
+        config = SegMoTEConfig.from_dict(info["config"])
+        reason = auto_refusal(config.use_ppt, recorded_parts(info, config),
+                              str(spec.segmote_checkpoint))
+    elif spec.sam_checkpoint or spec.model_type == "lite_medsam":
+        reason = auto_refusal(False, set(), spec.sam_checkpoint or spec.model_type)
+    else:
+        reason = None  # the bundled demo model: trained
+    if reason:
+        raise ValueError(reason)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             attrs["auto_category"] = args.auto_category
         case_map = None
         if args.case_map:
-            from .io.dicom import read_case_map
+            from .io.inputs import read_case_map
 
             case_map = read_case_map(args.case_map)
         bar = tqdm(total=0, unit="case", desc="ingest", disable=None)

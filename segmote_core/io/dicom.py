@@ -31,7 +31,7 @@ from .dicom_geometry import SeriesGeometry, dicom_window, series_geometry
 from .image import ImageReadError, MedicalImage, check_size, spacing_affine
 
 __all__ = ["DICOM_SUFFIXES", "DicomSeries", "is_dicom_file", "find_dicom_files", "scan_dicom",
-           "read_series", "open_dicom", "holds_dicom", "dicom_case_id", "dicom_modality", "read_case_map"]
+           "read_series", "open_dicom", "holds_dicom", "dicom_case_id", "dicom_modality"]
 
 log = logging.getLogger(__name__)
 
@@ -376,29 +376,3 @@ def open_dicom(path: str | Path, series_uid: str | None = None,
                                    "folder, pass series_uid=, or use `segmote ingest` (one case "
                                    "per series)")
     return read_series(images[0], modality=modality)
-
-
-def read_case_map(path: str | Path) -> dict[str, str]:
-    """A user's case-id map: ``SeriesInstanceUID,case_id`` per line (csv, ``#`` comments, an
-    optional header). Raises ValueError naming the file and line for a malformed row."""
-    import csv
-
-    from .cohort import valid_case_id
-
-    path = Path(path)
-    out: dict[str, str] = {}
-    lines = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1)
-             if ln.strip() and not ln.lstrip().startswith("#")]
-    for (n, _), cells in zip(lines, csv.reader(ln for _, ln in lines)):
-        cells = [c.strip() for c in cells]
-        if n == lines[0][0] and cells and cells[0].lower() in ("seriesinstanceuid", "series_uid",
-                                                               "uid", "series"):
-            continue
-        if len(cells) != 2 or not all(cells):
-            raise ValueError(f"{path}: line {n}: expected SeriesInstanceUID,case_id")
-        try:
-            out[cells[0]] = valid_case_id(cells[1])
-        except ValueError as exc:
-            raise ValueError(f"{path}: line {n}: {exc}") from None
-    return out
-

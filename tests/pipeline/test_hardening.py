@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline import BatchOptions, ModelSpec, run_batch
 from pipeline.store import OutputStore
 from segmote_core.locking import StoreLock, lock_path
 from tests.pipeline.support import REPO, make_cohort, subprocess_env, tree_digest

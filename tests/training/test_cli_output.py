@@ -7,7 +7,6 @@ import shutil
 import sys
 import time
 
-import pytest
 import torch
 
 from segmote_core.build import build_sam, build_segmote
