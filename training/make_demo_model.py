@@ -6,7 +6,9 @@
    dermoscopy phantoms); ``segmote curate`` scores it and splits it 9:1 by patient.
 2. ``--base lite_medsam`` (default; the paper's way): LiteMedSAM's pretrained encoder and prompt
    encoder frozen from the start (outputs pre-computed once); expert tokens + MoTE, HQ fusion,
-   PPT, the text guide and SAM's decoder train in one run (``demo_lite_medsam.yaml``).
+   PPT, the text guide and SAM's decoder train (``demo_lite_medsam.yaml``, a quarter of the
+   steps free boxes with LiteMedSAM's own answers as targets), then a shorter second stage
+   from that model draws the thin brain structures more often (``demo_lite_medsam_ft.yaml``).
    ``--base tiny``: no pretrained tiny SAM exists, so phase 1 (``demo_phase1.yaml``) trains a
    tiny SAM end to end, phase 2 (``demo_phase2.yaml``) the SegMoTE parts on its frozen encoder.
 3. The model is written to ``segmote_core/data/demo/`` (``segmote_demo_lite_medsam`` resp.
@@ -50,9 +52,12 @@ ABLATIONS = {"no_mote": {"model.num_expert_tokens": 0},
 #: ``train_cases_per_dataset``: the training split thinned to at most this many cases per
 #: dataset (evenly spaced; the test split is untouched): LiteMedSAM's encoder costs seconds
 #: per slice on a CPU, and a pretrained base needs few examples.
-RECIPES = {"lite_medsam": {"runs": [("lite_medsam", "demo_lite_medsam.yaml")],
+#: ``shared_cache``: every run reads the first run's embedding cache (one frozen encoder; the
+#: cache's signature still refuses it if the encoder or the slices differ).
+RECIPES = {"lite_medsam": {"runs": [("lite_medsam", "demo_lite_medsam.yaml"),
+                                    ("lite_medsam_ft", "demo_lite_medsam_ft.yaml")],
                            "docs": "lite_medsam", "title": "SegMoTE demo model (LiteMedSAM base)",
-                           "train_cases_per_dataset": 12},
+                           "train_cases_per_dataset": 12, "shared_cache": True},
            "tiny": {"runs": [("phase1", "demo_phase1.yaml"), ("phase2", "demo_phase2.yaml")],
                     "docs": "", "title": "SegMoTE demo model (tiny)"}}
 
@@ -156,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     trains_demo = not all((work / out / "model.safetensors").is_file() for out, _ in runs)
     previous: Path | None = None
     trained = {}
+    cache = ({"cache_path": str((work / runs[0][0] / "embeddings.safetensors").resolve())}
+             if recipe.get("shared_cache") else {})
     for out, config_name in runs:
         init = {"init_checkpoint": str(previous.resolve())} if previous is not None else {}
-        previous = trained[out] = _train(config_name, work, out, {**data, **init})
+        previous = trained[out] = _train(config_name, work, out, {**data, **init, **cache})
     final_run, final_config = runs[-1]
     final = trained[final_run]
     minutes = (time.perf_counter() - t_start) / 60

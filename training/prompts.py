@@ -15,6 +15,11 @@ Each step draws one prompt mode for its whole batch (box 0.4 / points 0.3 / auto
   ``ppt_absent`` of the items asks for a category of the slice's dataset that the slice does not
   hold, with an empty target.
 
+- ``free_box`` (``p_free_box`` > 0, drawn before the other modes): a box of 15-50 % of each
+  side centred on a body pixel of the slice (:func:`body_boxes`), whatever lies there; the
+  trainer takes the frozen base model's mask for it as the target (distillation), so the model
+  keeps following boxes on anatomy the labels never name.
+
 Box and point batches carry the category's text token with probability ``text_with_prompt``; a
 mask whose box alone is ambiguous (a category that shares its slice with others of its dataset)
 only appears in batches with text. Randomness comes from ``numpy.random.default_rng((seed, step))``
@@ -34,7 +39,7 @@ from .dataset import SliceDataset
 from .train_config import PromptConfig
 
 __all__ = ["PromptBatch", "PromptSampler", "mask_boxes", "jitter_boxes", "sample_points",
-           "guide_probability"]
+           "guide_probability", "body_boxes"]
 
 MODES = ("box", "points", "auto")
 
@@ -45,7 +50,8 @@ class PromptBatch:
 
     Attributes:
         mask_ids: (B,) indices into the dataset's masks.
-        mode: ``"box" | "points" | "auto"``.
+        mode: ``"box" | "points" | "auto" | "free_box"`` (free boxes: targets come from the
+            frozen base model, not from ``mask_ids``, which only name the slices).
         boxes: (B, 4) float32 XYXY, or None.
         point_coords: (B, P, 2) float32 XY, or None; point_labels (B, P) int64 (1, 0, -1 pad).
         text_ids: (B,) int64 vocabulary indices, or None.
@@ -63,6 +69,29 @@ class PromptBatch:
     guide: str | None = None
     category: bool = False
     empty: np.ndarray | None = None
+
+
+def body_boxes(gray: np.ndarray, n: int, rng: np.random.Generator,
+               extent: tuple[int, int] | None = None) -> np.ndarray:
+    """(n, 4) float32 XYXY boxes of 15-50 % of each side, each centred on a body pixel.
+
+    Args:
+        gray: (H, W) intensities scaled to 0..255; body = above 10 % (not air); an image
+            without body pixels takes any pixel.
+        extent: (h, w) of the image inside a padded square (``None``: all of ``gray``).
+    """
+    h, w = gray.shape[:2] if extent is None else (int(extent[0]), int(extent[1]))
+    ys, xs = np.nonzero(gray[:h, :w] > 0.1 * 255)
+    if ys.size == 0:
+        ys, xs = np.nonzero(np.ones((h, w), bool))
+    boxes = []
+    for _ in range(n):
+        i = rng.integers(ys.size)
+        bw, bh = rng.uniform(0.15, 0.5) * w, rng.uniform(0.15, 0.5) * h
+        x0 = np.clip(xs[i] - bw / 2, 0, w - 1)
+        y0 = np.clip(ys[i] - bh / 2, 0, h - 1)
+        boxes.append([x0, y0, min(x0 + bw, w - 1), min(y0 + bh, h - 1)])
+    return np.round(np.asarray(boxes, np.float32).reshape(n, 4))
 
 
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
@@ -219,6 +248,8 @@ class PromptSampler:
     def sample(self, step: int, total_steps: int) -> PromptBatch:
         """The prompts of optimiser step ``step`` (of ``total_steps``)."""
         rng = np.random.default_rng((self.seed, step))
+        if self.cfg.p_free_box > 0 and rng.random() < self.cfg.p_free_box:
+            return self._free_box_step(rng)
         mode = MODES[int(rng.choice(3, p=self.mode_probs))]
         if mode == "auto" and self.use_text and self.cfg.ppt_category_text > 0 \
                 and rng.random() < self.cfg.ppt_category_text:
@@ -252,6 +283,15 @@ class PromptSampler:
                 labels[row, :len(lab)] = lab
             batch.point_coords, batch.point_labels = coords, labels
         return batch
+
+    def _free_box_step(self, rng: np.random.Generator) -> PromptBatch:
+        """Boxes anywhere on the body of the drawn masks' slices (targets: the base model)."""
+        ids = self._draw(self.pools["text"], rng)
+        boxes = np.zeros((len(ids), 4), np.float32)
+        for row, m in enumerate(ids):
+            s = int(self.ds.mask_slice[m])
+            boxes[row] = body_boxes(self.ds.images[s].mean(0), 1, rng, self.ds.extents[s])[0]
+        return PromptBatch(mask_ids=ids, mode="free_box", boxes=boxes)
 
     def _absent_categories(self) -> dict[int, list[str]]:
         """Slice -> sorted categories of its dataset (multi-category masks only) it lacks."""

@@ -27,6 +27,8 @@ import numpy as np
 from segmote_core.fileio import atomic_write_text
 from segmote_core.transforms import normalize_intensity
 
+from .prompts import body_boxes
+
 __all__ = ["RealSlice", "real_slices", "random_boxes", "real_image_check",
            "run_real_image_check", "CheckResult"]
 
@@ -89,18 +91,7 @@ def real_slices(min_side: int = MIN_SIDE) -> list[RealSlice]:
 def random_boxes(image: np.ndarray, modality: str, n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 4) XYXY boxes of 15-50 % of each side, centred on body pixels (not air)."""
     norm = normalize_intensity(image, modality).mean(-1) if image.ndim == 2 else image
-    ys, xs = np.nonzero(norm > 0.1 * 255)
-    if ys.size == 0:
-        ys, xs = np.nonzero(np.ones_like(norm, bool))
-    h, w = image.shape[:2]
-    boxes = []
-    for _ in range(n):
-        i = rng.integers(ys.size)
-        bw, bh = rng.uniform(0.15, 0.5) * w, rng.uniform(0.15, 0.5) * h
-        x0 = np.clip(xs[i] - bw / 2, 0, w - 1)
-        y0 = np.clip(ys[i] - bh / 2, 0, h - 1)
-        boxes.append([x0, y0, min(x0 + bw, w - 1), min(y0 + bh, h - 1)])
-    return np.round(np.asarray(boxes, np.float32))
+    return body_boxes(norm, n, rng)
 
 
 def _inside_fraction(mask: np.ndarray, box: np.ndarray) -> float | None:

@@ -122,6 +122,12 @@ class PromptConfig:
         ppt_absent: in a category-conditioned step, the share of items whose text names a
             category of the slice's dataset that the slice does not hold, with an empty
             target: PPT learns to answer "none here" (a kidney asked for above the kidneys).
+        p_free_box: probability of a *free-box* step (phase ``segmote``; this project's
+            addition, docs/model.md): boxes of 15-50 % of each side centred anywhere on the
+            body, not on a labelled structure, and as target the mask the frozen base model
+            (the pretrained SAM the run starts from, its decoder as loaded) gives for that box.
+            It keeps the trained model following any box the way its base does, on anatomy
+            the labels never name. 0 (default): no such steps.
     """
 
     p_box: float = 0.4
@@ -135,6 +141,7 @@ class PromptConfig:
     ppt_guide_start: float = 1.0
     ppt_category_text: float = 0.0
     ppt_absent: float = 0.25
+    p_free_box: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -191,12 +198,15 @@ class TrainConfig:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
         p = self.prompts
         for name in ("p_box", "p_points", "p_auto", "text_with_prompt", "ppt_guide_until",
-                     "ppt_guide_start", "ppt_category_text", "ppt_absent"):
+                     "ppt_guide_start", "ppt_category_text", "ppt_absent", "p_free_box"):
             value = getattr(p, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"prompts.{name} must be in [0, 1], got {value}")
         if p.p_box + p.p_points + p.p_auto <= 0:
             raise ValueError("prompts.p_box + p_points + p_auto must be > 0")
+        if p.p_free_box and self.phase != "segmote":
+            raise ValueError("prompts.p_free_box needs phase 'segmote' (its targets come from the "
+                             "frozen base model)")
         if p.max_pos_points < 1 or p.max_neg_points < 0:
             raise ValueError("prompts.max_pos_points must be >= 1 and max_neg_points >= 0")
         o = self.optim
