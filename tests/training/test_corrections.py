@@ -18,6 +18,7 @@ import zarr
 from safetensors.torch import load_file
 
 from segmote_core.build import demo_model_path, load_demo_model, load_segmote
+from segmote_core.checkpoint import read_checkpoint_info
 from segmote_core.checkpoint import upgrade_state_keys
 from segmote_core.finetune import FineTuneConfig, finetune_from_store
 from segmote_core.inference import segment_batch
@@ -72,7 +73,12 @@ def test_finetune_changes_only_the_trainable_additions_and_records_lineage(revie
     child = load_file(str(new))
     assert set(child) == set(parent)
     enc = [k for k in parent if k.startswith("sam.image_encoder.")]
-    assert enc and all(torch.equal(parent[k], child[k]) for k in enc)       # bytes identical
+    if enc:   # a base held in the file (the tiny demo): its encoder's bytes are identical
+        assert all(torch.equal(parent[k], child[k]) for k in enc)
+    else:     # a packaged base (LiteMedSAM, the default demo): never copied, the same recorded
+        assert not any(k.startswith("sam.image_encoder.") for k in child)
+        assert read_checkpoint_info(new)["base"] == read_checkpoint_info(demo_model_path())["base"]
+        assert read_checkpoint_info(new)["base"]["name"] == "LiteMedSAM"
     frozen = [k for k in parent if k.startswith("sam.prompt_encoder.")]
     assert all(torch.equal(parent[k], child[k]) for k in frozen)
     changed = [k for k in parent if not torch.equal(parent[k], child[k])]
