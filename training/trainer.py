@@ -9,7 +9,6 @@ checkpoint every ``checkpoint_every`` steps, at each epoch end and on interrupti
 
 from __future__ import annotations
 
-import copy
 import csv
 import logging
 import time
@@ -29,10 +28,10 @@ from segmote_core.progress import CancelToken, Cancelled, ProgressCallback
 from .checkpointing import (STATE_FILE, TrainPosition, load_matching_weights,
                             load_training_checkpoint, save_training_checkpoint)
 from .dataset import SliceDataset, build_slice_dataset, model_input
-from .losses import upsample_logits
 from .precompute import FeatureCache, load_or_compute_features, parts_dir
 from .prompts import PromptSampler
 from .step import augment_batch, training_loss
+from .teacher import build_teacher, teacher_masks
 from .train_config import TrainConfig
 
 __all__ = ["Trainer", "TrainResult", "lr_at_epoch", "resolve_device"]
@@ -107,7 +106,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same config gives the same initial weights
         self.model = self._build_model()
         # the free-box steps' teacher: the base as built, before any resumed or trained weights
-        self.teacher = self._build_teacher() if config.prompts.p_free_box > 0 else None
+        self.teacher = (build_teacher(self.model, config.sam_checkpoint, self.device)
+                        if config.prompts.p_free_box > 0 else None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.optim.lr,
                                           weight_decay=config.optim.weight_decay)
@@ -177,36 +177,6 @@ class Trainer:
         else:
             model.apply_freezing()
         return model.to(self.device).train()
-
-    def _build_teacher(self) -> SegMoTE:
-        """A frozen base SAM (additions off: SegMoTE then equals it exactly): the pretrained
-        base's own weights (LiteMedSAM's, a ``sam_checkpoint``'s), also when ``init_checkpoint``
-        seeds the run with a trained decoder; for a from-scratch base, whose SAM comes from
-        ``init_checkpoint``, that SAM as loaded."""
-        c = self.config
-        base = self.model.config.replace(num_expert_tokens=0, num_ppt_queries=0,
-                                         hq_fusion=False, vocabulary=(), train_decoder=False)
-        if c.sam_checkpoint is not None or base.model_type == "lite_medsam":
-            sam = build_segmote(base, sam_checkpoint=c.sam_checkpoint).sam
-        else:
-            sam = copy.deepcopy(self.model.sam)
-        teacher = SegMoTE(sam, base, compute_text_vectors=False)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher.to(self.device).eval()
-
-    @torch.no_grad()
-    def _teacher_masks(self, feats: ImageFeatures, batch, slice_ids: np.ndarray) -> torch.Tensor:
-        """(B, S, S) the base model's masks for a free-box batch, zero in the padding."""
-        boxes = torch.as_tensor(batch.boxes, device=self.device, dtype=torch.float32)
-        low = self.teacher.decode(ImageFeatures(feats.image_embeddings, None),
-                                  boxes=boxes).low_res_masks[:, :1].float()
-        size = self.dataset.image_size
-        masks = upsample_logits(low, (size, size))[:, 0] > 0
-        for b, (h, w) in enumerate(self.dataset.extents[slice_ids]):
-            masks[b, int(h):] = False
-            masks[b, :, int(w):] = False
-        return masks
 
     def _features(self, slice_ids: np.ndarray, batch, masks: torch.Tensor):
         """Encoder outputs of the batch (cache or encoder) and the (maybe augmented) targets.
@@ -389,7 +359,8 @@ class Trainer:
         masks = self._masks[torch.as_tensor(batch.mask_ids)]
         feats, masks = self._features(slice_ids, batch, masks)
         if batch.mode == "free_box":
-            masks = self._teacher_masks(feats, batch, slice_ids).cpu()
+            masks = teacher_masks(self.teacher, feats, batch.boxes,
+                                  self.dataset.extents[slice_ids], self.dataset.image_size).cpu()
         torch.manual_seed(self.config.seed * 1_000_003 + pos.global_step)
         cuda = self.device.type == "cuda"
         if cuda:  # pinned, asynchronous, and uint8/bool over the bus (4x fewer bytes)

@@ -15,6 +15,7 @@ from training.dataset import build_slice_dataset
 from training.losses import upsample_logits
 from training.prompts import PromptSampler, body_boxes
 from training.real_image_check import random_boxes
+from training.teacher import teacher_masks
 from training.train_config import OptimConfig, PromptConfig, TrainConfig
 from training.trainer import Trainer
 
@@ -97,7 +98,7 @@ def test_free_box_targets_are_the_frozen_base_models_masks(dataset, tmp_path):
                  if trainer.sampler.sample(s, 6).mode == "free_box")
     slices = dataset.mask_slice[batch.mask_ids]
     feats = trainer.cache.get(slices)
-    got = trainer._teacher_masks(feats, batch, slices)
+    got = teacher_masks(trainer.teacher, feats, batch.boxes, dataset.extents[slices], 64)
     for b in range(len(slices)):
         sparse, dense = sam.prompt_encoder(points=None, boxes=torch.as_tensor(batch.boxes[b:b + 1]),
                                            masks=None)
