@@ -125,7 +125,8 @@ class PromptConfig:
         p_free_box: probability of a *free-box* step (phase ``segmote``; this project's
             addition, docs/model.md): boxes of 15-50 % of each side centred anywhere on the
             body, not on a labelled structure, and as target the mask the frozen base model
-            (the pretrained SAM the run starts from, its decoder as loaded) gives for that box.
+            gives for that box (the pretrained base's own weights; for a from-scratch base,
+            the SAM of ``init_checkpoint``: :mod:`training.teacher`).
             It keeps the trained model following any box the way its base does, on anatomy
             the labels never name. 0 (default): no such steps.
     """
