@@ -9,6 +9,7 @@ ground truth.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +65,19 @@ def reviewed_store(tmp_path_factory, tiny_cohort):
     return out, tiny_cohort, discs
 
 
+@pytest.fixture(scope="module")
+def shared_embeddings(tmp_path_factory):
+    """One embedding cache for the module's fine-tunes, as a user's cache outlives a run: the
+    default demo model's encoder takes ~2 s a slice here, so each slice is embedded once."""
+    return tmp_path_factory.mktemp("embeddings")
+
+
 def test_finetune_changes_only_the_trainable_additions_and_records_lineage(reviewed_store,
+                                                                           shared_embeddings,
                                                                            tmp_path):
     out, cohort, discs = reviewed_store
     new = tmp_path / "round1.safetensors"
-    res = finetune_from_store(out, "demo", new, config=FAST, cache_dir=tmp_path / "emb")
+    res = finetune_from_store(out, "demo", new, config=FAST, cache_dir=shared_embeddings)
     parent = upgrade_state_keys(load_file(str(demo_model_path())))
     child = load_file(str(new))
     assert set(child) == set(parent)
@@ -115,10 +124,11 @@ def test_the_encoder_runs_once_per_slice_ever(reviewed_store, tmp_path):
     assert first > 0 and sum(calls) == first
 
 
-def test_cancel_then_resume_equals_an_uninterrupted_run(reviewed_store, tmp_path):
+def test_cancel_then_resume_equals_an_uninterrupted_run(reviewed_store, shared_embeddings,
+                                                        tmp_path):
     out, _, _ = reviewed_store
     full = finetune_from_store(out, "demo", tmp_path / "full.safetensors", config=FAST,
-                               cache_dir=tmp_path / "emb")
+                               cache_dir=shared_embeddings)
     token = CancelToken()
     seen = []
 
@@ -128,11 +138,11 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(reviewed_store, tmp_path
             token.cancel()
     with pytest.raises(Cancelled):
         finetune_from_store(out, "demo", tmp_path / "cut.safetensors", config=FAST,
-                            cache_dir=tmp_path / "emb", progress=progress, cancel=token)
+                            cache_dir=shared_embeddings, progress=progress, cancel=token)
     assert not (tmp_path / "cut.safetensors").exists()                  # the old model stays
     assert (tmp_path / "cut.finetune_state.pt").is_file()
     resumed = finetune_from_store(out, "demo", tmp_path / "cut.safetensors", config=FAST,
-                                  cache_dir=tmp_path / "emb")
+                                  cache_dir=shared_embeddings)
     a, b = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "cut.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.history == full.history
@@ -140,8 +150,8 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(reviewed_store, tmp_path
 
 def test_clear_errors(reviewed_store, tmp_path, tiny_cohort):
     out, _, _ = reviewed_store
-    bare = tmp_path / "bare.zarr"
-    write_store(bare, tiny_cohort, load_demo_model())
+    bare = tmp_path / "bare.zarr"       # the same overnight output before anyone reviewed it
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("corrections"))
     with pytest.raises(FineTuneDataError, match="no reviewed case"):
         finetune_from_store(bare, "demo", tmp_path / "x.safetensors", config=FAST)
     other = tmp_path / "other.zarr"
