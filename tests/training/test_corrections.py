@@ -124,6 +124,7 @@ def test_the_encoder_runs_once_per_slice_ever(reviewed_store, tmp_path):
     assert first > 0 and sum(calls) == first
 
 
+@pytest.mark.slow    # three fine-tunes of the default demo model (~45 s); CI runs it after the default run
 def test_cancel_then_resume_equals_an_uninterrupted_run(reviewed_store, shared_embeddings,
                                                         tmp_path):
     out, _, _ = reviewed_store
