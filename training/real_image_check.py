@@ -94,7 +94,8 @@ def random_boxes(image: np.ndarray, modality: str, n: int, rng: np.random.Genera
     return body_boxes(norm, n, rng)
 
 
-def _inside_fraction(mask: np.ndarray, box: np.ndarray) -> float | None:
+def inside_fraction(mask: np.ndarray, box: np.ndarray) -> float | None:
+    """Share of ``mask``'s pixels inside the XYXY ``box`` (edges included); None if empty."""
     total = int(mask.sum())
     if total == 0:
         return None
@@ -153,7 +154,7 @@ def real_image_check(model, *, boxes_per_slice: int = 12, seed: int = 0,
             t0 = time.perf_counter()
             mask = predictor.predict(box=box).masks[0]
             result.prompt_seconds.append(time.perf_counter() - t0)
-            frac = _inside_fraction(mask, box)
+            frac = inside_fraction(mask, box)
             result.rows.append({"slice": sl.name, "modality": sl.modality, "box": j,
                                 "x0": int(box[0]), "y0": int(box[1]), "x1": int(box[2]),
                                 "y1": int(box[3]), "mask_pixels": int(mask.sum()),
@@ -194,7 +195,7 @@ def _figure(result: CheckResult, path: Path, title: str) -> None:
         ax.imshow(overlay)
         ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
                                fill=False, edgecolor="yellow", linewidth=1.5))
-        frac = _inside_fraction(mask, box)
+        frac = inside_fraction(mask, box)
         ax.set_title(f"{sl.name} ({sl.modality})\n"
                      f"{'empty mask' if frac is None else f'{frac:.0%} inside'}", fontsize=8)
         ax.axis("off")

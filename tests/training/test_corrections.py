@@ -149,7 +149,7 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(reviewed_store, shared_e
     assert resumed.history == full.history
 
 
-def test_clear_errors(reviewed_store, tmp_path, tiny_cohort):
+def test_clear_errors(reviewed_store, tmp_path):
     out, _, _ = reviewed_store
     bare = tmp_path / "bare.zarr"       # the same overnight output before anyone reviewed it
     shutil.copytree(out, bare, ignore=shutil.ignore_patterns("corrections"))

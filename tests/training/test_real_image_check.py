@@ -11,7 +11,7 @@ import pytest
 from segmote_core.build import demo_model_path
 
 from training.make_demo_model import thin_selection
-from training.real_image_check import _inside_fraction, random_boxes
+from training.real_image_check import inside_fraction, random_boxes
 
 
 def test_random_boxes_stay_on_the_image():
@@ -26,8 +26,8 @@ def test_random_boxes_stay_on_the_image():
     assert ((cx > 15) & (cx < 105) & (cy > 8) & (cy < 72)).all()  # centred on the body
     mask = np.zeros((80, 120), bool)
     mask[10:20, 10:20] = True
-    assert _inside_fraction(mask, np.array([10, 10, 14, 19])) == 0.5
-    assert _inside_fraction(np.zeros_like(mask), np.array([0, 0, 5, 5])) is None
+    assert inside_fraction(mask, np.array([10, 10, 14, 19])) == 0.5
+    assert inside_fraction(np.zeros_like(mask), np.array([0, 0, 5, 5])) is None
 
 
 def test_litemedsam_follows_boxes_on_real_slices():
