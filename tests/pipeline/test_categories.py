@@ -28,7 +28,7 @@ from segmote_core.categories import resolve_categories, segment_categories
 from segmote_core.cli import main as segmote_main
 from segmote_core.io import open_cohort
 from segmote_core.predictor import SegMoTEPredictor
-from tests.pipeline.support import (REPO, attrs_of, kill_after_first_case, labels_of,
+from tests.pipeline.helpers import (REPO, attrs_of, kill_after_first_case, labels_of,
                                     make_cohort, subprocess_env)
 
 VOCAB = ("liver", "kidney", "spine", "lung")
@@ -52,12 +52,17 @@ def category_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    work = tmp_path_factory.mktemp("pipeline_categories")
-    ckpt = category_checkpoint(work / "cat.safetensors")
-    cohort = work / "cohort.zarr"
+def category_checkpoint_file(tmp_path_factory) -> Path:
+    """``category_checkpoint`` saved once for this module."""
+    return category_checkpoint(tmp_path_factory.mktemp("category_model") / "cat.safetensors")
+
+
+@pytest.fixture(scope="module")
+def clean_cohort(tmp_path_factory) -> Path:
+    """The CASES, SLICES slices of 40 x 40 each, none corrupt."""
+    cohort = tmp_path_factory.mktemp("category_cohort") / "cohort.zarr"
     make_cohort(cohort, n_cases=len(CASES), slices=SLICES, size=40, corrupt=None)
-    return work, ckpt, cohort
+    return cohort
 
 
 def _args(cohort: Path, out: Path, ckpt: Path, *cats: str) -> list[str]:
@@ -65,8 +70,9 @@ def _args(cohort: Path, out: Path, ckpt: Path, *cats: str) -> list[str]:
             "--num-cpus", "2", "--no-progress", "--categories", *(cats or CATS)]
 
 
-def test_label_map_equals_per_category_predictor_calls_resolved_by_logit(setup):
-    _, ckpt, cohort = setup
+def test_label_map_equals_per_category_predictor_calls_resolved_by_logit(
+        category_checkpoint_file, clean_cohort):
+    ckpt, cohort = category_checkpoint_file, clean_cohort
     model = load_segmote(ckpt)
     image = np.asarray(open_cohort(cohort).case("case_000").image[...])
     encodes = []
@@ -113,8 +119,9 @@ def test_category_names_are_checked():
         resolve_categories(["liver"], ())
 
 
-def test_unknown_category_refused_before_ray_starts(setup, tmp_path):
-    _, ckpt, cohort = setup
+def test_unknown_category_refused_before_ray_starts(category_checkpoint_file, clean_cohort,
+                                                   tmp_path):
+    ckpt, cohort = category_checkpoint_file, clean_cohort
     out = tmp_path / "out.zarr"
     code = ("import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
             "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
@@ -130,16 +137,18 @@ def test_unknown_category_refused_before_ray_starts(setup, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(setup):
-    work, ckpt, cohort = setup
-    out = work / "reference.zarr"
-    rc = segmote_main(["batch", *_args(cohort, out, ckpt)])
+def uninterrupted_run(category_checkpoint_file, clean_cohort, tmp_path_factory):
+    """One uninterrupted ``segmote batch --categories liver kidney spine`` in this process:
+    its store and exit code."""
+    out = tmp_path_factory.mktemp("category_out") / "reference.zarr"
+    rc = segmote_main(["batch", *_args(clean_cohort, out, category_checkpoint_file)])
     return out, rc
 
 
-def test_multi_category_store_report_and_attrs(setup, reference):
-    _, ckpt, cohort = setup
-    out, rc = reference
+def test_multi_category_store_report_and_attrs(category_checkpoint_file, clean_cohort,
+                                                             uninterrupted_run):
+    ckpt, cohort = category_checkpoint_file, clean_cohort
+    out, rc = uninterrupted_run
     assert rc == 0
     table = {"1": "liver", "2": "kidney", "3": "spine"}
     root = zarr.open_group(str(out), mode="r")
@@ -170,10 +179,11 @@ def test_multi_category_store_report_and_attrs(setup, reference):
             assert row[c]["empty_slices"] == sum(v is None for v in a["categories"][c]["qc"])
 
 
-def test_sigkill_then_resume_equals_uninterrupted_multi_category_run(setup, reference):
-    work, ckpt, cohort = setup
-    ref_out = reference[0]
-    out = work / "killed.zarr"
+def test_sigkill_then_resume_equals_uninterrupted_multi_category_run(
+        category_checkpoint_file, clean_cohort, uninterrupted_run, tmp_path):
+    ckpt, cohort = category_checkpoint_file, clean_cohort
+    ref_out = uninterrupted_run[0]
+    out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "pipeline", *_args(cohort, out, ckpt)]
     done_before, _ = kill_after_first_case(cmd, out)
     assert 1 <= len(done_before) < len(CASES), done_before
@@ -191,12 +201,13 @@ def test_sigkill_then_resume_equals_uninterrupted_multi_category_run(setup, refe
     assert report["categories"].tolist() == ref_report["categories"].tolist()
 
 
-def test_other_categories_refused_unless_overwrite(setup, reference, tmp_path):
-    work, ckpt, cohort = setup
+def test_other_categories_refused_unless_overwrite(category_checkpoint_file, clean_cohort,
+                                                   uninterrupted_run, tmp_path):
+    ckpt, cohort = category_checkpoint_file, clean_cohort
     import shutil
 
     out = tmp_path / "store.zarr"
-    shutil.copytree(reference[0], out)
+    shutil.copytree(uninterrupted_run[0], out)
     before = labels_of(out)
     # another order is another label table: refused, nothing touched
     rc = segmote_main(["batch", *_args(cohort, out, ckpt, "kidney", "liver", "spine")])
@@ -216,12 +227,12 @@ def test_other_categories_refused_unless_overwrite(setup, reference, tmp_path):
         np.testing.assert_array_equal(after[case_id], swap)
 
 
-def test_export_carries_the_label_table(setup, reference, tmp_path):
+def test_export_carries_the_label_table(uninterrupted_run, tmp_path):
     import csv
 
     from segmote_core.export import export_store
 
-    out, _ = reference
+    out, _ = uninterrupted_run
     res = export_store(out, tmp_path / "export")
     assert res.ok, res.errors
     rows = list(csv.DictReader(open(res.csv)))

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from pipeline.report import read_report
-from tests.pipeline.support import (REPO, attrs_of, labels_of, make_cohort, subprocess_env,
+from tests.pipeline.helpers import (REPO, attrs_of, labels_of, make_cohort, subprocess_env,
                                    tiny_checkpoint)
 
 

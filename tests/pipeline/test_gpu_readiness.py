@@ -12,23 +12,22 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.engine import PoolConfig, PoolFitError, check_fit
 from pipeline.worker import ModelSpec, NoCudaError, SegmentWorker, SliceTask
-from tests.pipeline.support import (REPO, attrs_of, labels_of, make_cohort, subprocess_env,
-                                   tiny_checkpoint)
+from tests.pipeline.helpers import REPO, attrs_of, labels_of, make_cohort, subprocess_env
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    work = tmp_path_factory.mktemp("gpu_ready")
-    ckpt = tiny_checkpoint(work / "tiny.safetensors")
-    cohort = work / "cohort.zarr"
+def three_case_cohort(tmp_path_factory) -> Path:
+    """Three clean cases of two 32 x 32 slices."""
+    cohort = tmp_path_factory.mktemp("gpu_ready") / "cohort.zarr"
     make_cohort(cohort, n_cases=3, slices=2, size=32, corrupt=None)
-    return work, ckpt, cohort
+    return cohort
 
 
 def _batch(*args: str, env: dict | None = None, timeout: int = 240):
@@ -54,9 +53,10 @@ def test_check_fit_names_what_does_not_fit():
     check_fit(PoolConfig(2, 0.0, 4.0), {"CPU": 8.0}, [{"CPU": 4.0}, {"CPU": 4.0}])
 
 
-def test_two_one_cpu_actors_on_a_one_cpu_ray_are_refused_at_once(setup, tmp_path):
+def test_two_one_cpu_actors_on_a_one_cpu_ray_are_refused_at_once(tiny_checkpoint_file,
+                                                                  three_case_cohort, tmp_path):
     """Before: the second actor never started and the run waited forever."""
-    _, ckpt, cohort = setup
+    ckpt, cohort = tiny_checkpoint_file, three_case_cohort
     out = tmp_path / "out.zarr"
     t0 = time.perf_counter()
     proc = _batch(str(cohort), str(out), "--segmote-checkpoint", str(ckpt), "--num-cpus", "1",
@@ -69,17 +69,17 @@ def test_two_one_cpu_actors_on_a_one_cpu_ray_are_refused_at_once(setup, tmp_path
 
 
 # ----------------------------------------------------------------------------- signatures
-def test_gpu_worker_without_cuda_fails_loudly(setup):
+def test_gpu_worker_without_cuda_fails_loudly(tiny_checkpoint_file):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    _, ckpt, _ = setup
+    ckpt = tiny_checkpoint_file
     with pytest.raises(NoCudaError, match="cannot use CUDA.*--gpus-per-actor 0"):
         SegmentWorker(ModelSpec(str(ckpt)), use_gpu=True)
 
 
-def test_gpu_actor_without_cuda_stops_the_run_on_the_driver(setup):
+def test_gpu_actor_without_cuda_stops_the_run_on_the_driver(tiny_checkpoint_file):
     """A local Ray that advertises a GPU the actor's torch cannot use: the load error reaches
     the driver (ModelLoadError, exit 2), not a log line on the worker."""
     import ray
@@ -89,7 +89,7 @@ def test_gpu_actor_without_cuda_stops_the_run_on_the_driver(setup):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    _, ckpt, _ = setup
+    ckpt = tiny_checkpoint_file
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False,
              log_to_driver=False)
@@ -101,22 +101,22 @@ def test_gpu_actor_without_cuda_stops_the_run_on_the_driver(setup):
         ray.shutdown()
 
 
-def test_signature_carries_device_and_precision(setup):
-    _, ckpt, _ = setup
+def test_signature_carries_device_and_precision(tiny_checkpoint_file):
+    ckpt = tiny_checkpoint_file
     sig = SegmentWorker(ModelSpec(str(ckpt), precision="bf16")).signature()
     assert sig["device"] == "cpu" and sig["bf16_encoder"] is True
     assert SegmentWorker(ModelSpec(str(ckpt), precision="fp32")).signature()["bf16_encoder"] \
         is False
 
 
-def test_actors_of_different_precision_are_refused(setup):
+def test_actors_of_different_precision_are_refused(tiny_checkpoint_file):
     """Two actors whose signatures differ (here: one bf16, one fp32, as on a cluster whose
     nodes differ) must not write one store under one signature."""
     import ray
 
     from pipeline.engine import ActorPool, ModelLoadError
 
-    _, ckpt, _ = setup
+    ckpt = tiny_checkpoint_file
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -131,10 +131,10 @@ def test_actors_of_different_precision_are_refused(setup):
 
 
 # ----------------------------------------------------------------------------- poisoning
-def test_poisoned_worker_fails_every_later_call(setup):
+def test_poisoned_worker_fails_every_later_call(tiny_checkpoint_file):
     from pipeline.worker import WorkerPoisonedError
 
-    _, ckpt, _ = setup
+    ckpt = tiny_checkpoint_file
     w = SegmentWorker(ModelSpec(str(ckpt)), poison_case="bad")
     img = np.random.default_rng(0).normal(size=(1, 32, 32)).astype(np.float32)
     assert w(SliceTask("ok", 0, img, "CT")).error is None
@@ -145,11 +145,12 @@ def test_poisoned_worker_fails_every_later_call(setup):
 
 
 @pytest.mark.slow  # an actor killed and replaced mid-run: ~60 s on 2 cores; runs in CI after the default run
-def test_poisoned_actor_is_replaced_and_the_other_cases_complete(setup, tmp_path):
+def test_poisoned_actor_is_replaced_and_the_other_cases_complete(tiny_checkpoint_file,
+                                                                 three_case_cohort, tmp_path):
     """One actor; case_001's batch poisons it. Before: every later batch on it failed too.
     Now the actor is replaced: case_001 fails, naming the error; case_000 and case_002 are
     complete and equal to a clean run's labels."""
-    _, ckpt, cohort = setup
+    ckpt, cohort = tiny_checkpoint_file, three_case_cohort
     args = ["--segmote-checkpoint", str(ckpt), "--num-cpus", "1", "--num-actors", "1",
             "--batch-size", "1", "--no-progress"]
     clean = tmp_path / "clean.zarr"

@@ -19,7 +19,7 @@ import zarr
 
 from pipeline.store import OutputStore
 from segmote_core.locking import StoreLock, lock_path
-from tests.pipeline.support import REPO, make_cohort, subprocess_env, tree_digest
+from tests.pipeline.helpers import REPO, make_cohort, subprocess_env, tree_digest
 
 SIG = {"model": {"weights_sha256": "a"}, "mode": "auto"}
 OTHER = {"model": {"weights_sha256": "b"}, "mode": "auto"}
@@ -121,13 +121,12 @@ def _immutable(path: Path, on: bool) -> bool:
 
 
 @pytest.fixture(scope="module")
-def hostile_run(tmp_path_factory):
+def hostile_run(tmp_path_factory, tiny_checkpoint_file):
     """One cohort with every kind of trouble, segmented twice on a local Ray (tiny model)."""
     from segmote_core.io import write_case
-    from tests.pipeline.support import tiny_checkpoint
 
     work = tmp_path_factory.mktemp("hostile")
-    ckpt = tiny_checkpoint(work / "tiny.safetensors")
+    ckpt = tiny_checkpoint_file
     cohort = work / "cohort.zarr"
     make_cohort(cohort, n_cases=3, slices=3, size=16, corrupt=None)
     (cohort / "case_002" / "image" / "c" / "1" / "0" / "0").unlink()      # a lost chunk

@@ -22,8 +22,8 @@ from segmote_core.cli import main as segmote_main
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort
 from segmote_core.qc import case_qc
-from tests.pipeline.support import (attrs_of, kill_after_first_case, labels_of, make_cohort,
-                                    tiny_checkpoint, tree_digest)
+from tests.pipeline.helpers import (attrs_of, kill_after_first_case, labels_of, make_cohort,
+                                    tree_digest)
 
 SLICES = 6
 GOOD = ["case_000", "case_001", "case_003", "case_004"]
@@ -31,12 +31,11 @@ GOOD = ["case_000", "case_001", "case_003", "case_004"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    work = tmp_path_factory.mktemp("pipeline_ray")
-    ckpt = tiny_checkpoint(work / "tiny.safetensors")
-    cohort = work / "cohort.zarr"
+def cohort_with_corrupt_case(tmp_path_factory) -> Path:
+    """Five cases of SLICES slices; case_002's last chunk is garbage bytes."""
+    cohort = tmp_path_factory.mktemp("pipeline_ray") / "cohort.zarr"
     make_cohort(cohort, n_cases=5, slices=SLICES, size=32, corrupt="case_002")
-    return work, ckpt, cohort
+    return cohort
 
 
 def _args(cohort: Path, out: Path, ckpt: Path) -> list[str]:
@@ -45,19 +44,21 @@ def _args(cohort: Path, out: Path, ckpt: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(setup):
-    """One uninterrupted run through the ``segmote`` entry point (in this process)."""
-    work, ckpt, cohort = setup
+def uninterrupted_run(cohort_with_corrupt_case, tiny_checkpoint_file, tmp_path_factory):
+    """One uninterrupted run through the ``segmote`` entry point (in this process): its store,
+    exit code, the input's digest before it, and its wall time."""
+    cohort, ckpt = cohort_with_corrupt_case, tiny_checkpoint_file
     before = tree_digest(cohort)
-    out = work / "reference.zarr"
+    out = tmp_path_factory.mktemp("pipeline_ray_out") / "reference.zarr"
     t0 = time.perf_counter()
     rc = segmote_main(["batch", *_args(cohort, out, ckpt)])
     return out, rc, before, time.perf_counter() - t0
 
 
-def test_corrupt_case_is_reported_and_the_rest_complete(setup, reference):
-    work, ckpt, cohort = setup
-    out, rc, before, _ = reference
+def test_corrupt_case_is_reported_and_the_rest_complete(cohort_with_corrupt_case,
+                                                        tiny_checkpoint_file, uninterrupted_run):
+    ckpt, cohort = tiny_checkpoint_file, cohort_with_corrupt_case
+    out, rc, before, _ = uninterrupted_run
     assert rc == 1  # one case failed
     assert tree_digest(cohort) == before  # the input was not written to
     labels, attrs = labels_of(out), attrs_of(out)
@@ -102,10 +103,12 @@ def test_corrupt_case_is_reported_and_the_rest_complete(setup, reference):
     assert queue.qc.is_monotonic_increasing
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference, capsys):
-    work, ckpt, cohort = setup
-    ref_out = reference[0]
-    out = work / "killed.zarr"
+def test_sigkill_then_resume_equals_uninterrupted_run(cohort_with_corrupt_case,
+                                                     tiny_checkpoint_file, uninterrupted_run,
+                                                     tmp_path, capsys):
+    ckpt, cohort = tiny_checkpoint_file, cohort_with_corrupt_case
+    ref_out = uninterrupted_run[0]
+    out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "pipeline", *_args(cohort, out, ckpt)]
     done_before, killed = kill_after_first_case(cmd, out)
     assert 1 <= len(done_before) < len(GOOD), done_before  # killed part way

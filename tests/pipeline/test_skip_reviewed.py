@@ -16,7 +16,7 @@ import pytest
 from segmote_core.cli import main as segmote_main
 from segmote_core.review import read_correction, review_queue, save_correction
 
-from tests.pipeline.support import attrs_of, labels_of, make_cohort, tiny_checkpoint, tree_digest
+from tests.pipeline.helpers import attrs_of, labels_of, make_cohort, tiny_checkpoint, tree_digest
 
 
 

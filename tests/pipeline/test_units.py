@@ -16,7 +16,7 @@ from pipeline.store import OutputStore, OutputStoreMismatchError
 from pipeline.worker import ModelSpec, SegmentWorker, SliceTask
 from segmote_core.inference import segment_batch
 from segmote_core.io import open_cohort
-from tests.pipeline.support import make_cohort, tiny_checkpoint
+from tests.pipeline.helpers import make_cohort
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,8 @@ def test_slice_review_order_lists_gaps_not_volume_ends():
     assert [v for _, _, v in order][3:] == [0.5, 0.7, 0.8, 0.9]
 
 
-def test_worker_matches_segment_batch_and_reports_errors(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+def test_worker_matches_segment_batch_and_reports_errors(tiny_checkpoint_file):
+    ckpt = tiny_checkpoint_file
     worker = SegmentWorker(ModelSpec(str(ckpt)), threads=1)
     sig = worker.signature()
     assert len(sig["weights_sha256"]) == 64 and sig["bf16_encoder"] is False

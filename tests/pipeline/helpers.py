@@ -1,5 +1,5 @@
-"""Shared helpers of the pipeline tests (no tests here): a real tiny SegMoTE checkpoint and a
-small cohort on disk, one of whose cases can be made corrupt."""
+"""Helpers of the pipeline tests (no tests or fixtures here; those are in conftest.py): a real tiny
+SegMoTE checkpoint and a small cohort on disk, one of whose cases can be made corrupt."""
 
 from __future__ import annotations
 
