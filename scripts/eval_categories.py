@@ -7,7 +7,13 @@ dataset's test cases are segmented by ``segmote batch COHORT OUT --cases ... --c
 <the dataset's categories>`` (a subprocess: the real command, a local Ray) and each category's
 label is compared with the cohort's labels:
 
-- ``auto`` (the demo tables' convention): mean Dice over the slices that hold the category;
+- ``auto`` (the demo tables' convention, ``python -m training.make_demo_model``'s evaluation):
+  mean Dice over the masks the tables score: the held-out split's curated slices (the
+  selection's), each category's mask where it covers at least 16 pixels at the model's input
+  (``training.dataset.build_slice_dataset``, the same call), compared at the cohort's
+  resolution;
+- ``all_slices``: mean Dice over every slice that holds the category, however small (a
+  slice with 11 voxels of it counts as much as one with 2000);
 - ``volume``: Dice over the whole case (slices without the category count: a category drawn
   where there is none lowers it);
 - ``false_slices``: slices without the category where the model drew some.
@@ -42,8 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=None, help="SegMoTE .safetensors (default: demo)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--num-cpus", default="2")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score the stores an earlier run left in OUT_DIR instead of running")
     args = ap.parse_args(argv)
     import zarr
+
+    from segmote_core.build import load_demo_model, load_segmote
+    from training.dataset import build_slice_dataset
+
+    model = load_segmote(args.checkpoint) if args.checkpoint else load_demo_model()
+    tables = build_slice_dataset(args.cohort, image_size=model.image_size,
+                                 selection=args.selection, split=args.split, keep_original=True)
+    del model
 
     sel = json.loads(args.selection.read_text())
     root = zarr.open_group(str(args.cohort), mode="r")
@@ -65,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--segmote-checkpoint", args.checkpoint]
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("RAY_ADDRESS", None)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        sys.stderr.write(proc.stdout + proc.stderr[-2000:])
-        if proc.returncode != 0:
-            raise SystemExit(f"segmote batch failed ({proc.returncode}) on {dataset}")
+        if not args.reuse:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            sys.stderr.write(proc.stdout + proc.stderr[-2000:])
+            if proc.returncode != 0:
+                raise SystemExit(f"segmote batch failed ({proc.returncode}) on {dataset}")
         out = zarr.open_group(str(store), mode="r")
         table = dict(out.attrs)["label_table"]
         value = {name: int(v) for v, name in table.items()}
@@ -86,15 +103,26 @@ def main(argv: list[str] | None = None) -> int:
                         false += 1
                 gts.append(gt.ravel())
                 preds.append(pred.ravel())
+            scored = []
+            for i in range(tables.num_masks):
+                j = int(tables.mask_slice[i])
+                if tables.categories[i] != name or tables.cases[j] not in cases:
+                    continue
+                pred = np.asarray(out[tables.cases[j]]["labels"])
+                pred = pred[int(tables.z[j])] if pred.ndim == 3 else pred
+                scored.append(dice(np.asarray(tables.original_masks[i], bool),
+                                   pred == value[name]))
             rows.append({"dataset": dataset, "category": name, "cases": len(cases),
-                         "slices": len(per_slice), "auto": float(np.mean(per_slice)),
+                         "masks": len(scored), "auto": float(np.mean(scored)),
+                         "slices": len(per_slice), "all_slices": float(np.mean(per_slice)),
                          "volume": dice(np.concatenate(gts), np.concatenate(preds)),
                          "false_slices": false})
-    lines = ["| dataset | category | auto (slices with it) | volume Dice | slices | empty slices drawn on |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| dataset | category | auto (tables' masks) | masks | every slice with it | slices "
+             "| volume Dice | empty slices drawn on |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['dataset']} | {r['category']} | {r['auto']:.4f} | {r['volume']:.4f} "
-                     f"| {r['slices']} | {r['false_slices']} |")
+        lines.append(f"| {r['dataset']} | {r['category']} | {r['auto']:.4f} | {r['masks']} "
+                     f"| {r['all_slices']:.4f} | {r['slices']} | {r['volume']:.4f} "
+                     f"| {r['false_slices']} |")
     text = "\n".join(lines) + "\n"
     (args.out / "categories.md").write_text(text)
     import csv

@@ -4,8 +4,10 @@
 Prompts come from the ground truth at the cohort's resolution, without jitter, so runs are
 deterministic: ``box`` = the mask's tight box; ``point`` = one positive point at the mask's most
 interior pixel (largest distance to the background); ``auto`` = PPT, no prompt, for PPT-eligible
-masks only. A category that shares its slice with others of its dataset (e.g. grey matter inside
-the brain) gets its text token beside the box or point, as in training. Dice is computed at the
+masks, and each category that shares its slice with others of its dataset (e.g. grey matter
+inside the brain) with its text token as PPT's guide (category-conditioned PPT, what
+``segmote batch --categories`` runs; without the overlap resolution between categories). Such a
+category gets its text token beside the box or point too, as in training. Dice is computed at the
 cohort's resolution after SAM's postprocessing (unpad, resize).
 """
 
@@ -88,9 +90,13 @@ def evaluate_model(model: SegMoTE, dataset: SliceDataset, *, modes: Sequence[str
         for mode in modes:
             if mode == "auto" and model.ppt is None:
                 continue
-            use = mids[dataset.binary[mids]] if mode == "auto" else mids
-            use_text = np.array([mode != "auto" and dataset.needs_text[m]
-                                 and dataset.categories[m] in text_index for m in use], bool)
+            # a category that shares its slice gets its text token: beside the box or point,
+            # or as PPT's guide (category-conditioned PPT); prompt-free without one is only
+            # for the binary masks
+            texted = np.array([bool(dataset.needs_text[m]) and not dataset.binary[m]
+                               and dataset.categories[m] in text_index for m in mids], bool)
+            keep = (dataset.binary[mids] | texted) if mode == "auto" else np.ones(len(mids), bool)
+            use, use_text = mids[keep], texted[keep]
             for group, with_text in ((use[use_text], True), (use[~use_text], False)):
                 if len(group):
                     rows += _score_group(model, feats, dataset, group, sl[0], mode,
@@ -187,7 +193,10 @@ def _markdown(table: pd.DataFrame, title: str) -> str:
 def tables(result: EvalResult) -> dict[str, pd.DataFrame]:
     """The paper-style tables: per dataset (Table 1), per category (Table 2), PPT (Table 4)."""
     rows = result.rows
-    out = {"datasets": _pivot(rows, ["dataset", "modality"]),
+    # a dataset's auto is its binary task's (Table 1); its categories' prompt-free Dice,
+    # guided by their text tokens, is in the per-category table
+    out = {"datasets": _pivot(rows[(rows["mode"] != "auto") | rows["binary"]],
+                              ["dataset", "modality"]),
            "categories": _pivot(rows, ["dataset", "category"])}
     binary = rows[rows["binary"]]
     if len(binary) and (binary["mode"] == "auto").any():

@@ -8,7 +8,9 @@
    encoder frozen from the start (outputs pre-computed once); expert tokens + MoTE, HQ fusion,
    PPT, the text guide and SAM's decoder train (``demo_lite_medsam.yaml``, a quarter of the
    steps free boxes with LiteMedSAM's own answers as targets), then a shorter second stage
-   from that model draws the thin brain structures more often (``demo_lite_medsam_ft.yaml``).
+   from that model draws the thin brain structures more often (``demo_lite_medsam_ft.yaml``),
+   and a third teaches category-conditioned PPT (the category's text token as PPT's guide,
+   what ``segmote batch --categories`` runs; ``demo_lite_medsam_cat.yaml``).
    ``--base tiny``: no pretrained tiny SAM exists, so phase 1 (``demo_phase1.yaml``) trains a
    tiny SAM end to end, phase 2 (``demo_phase2.yaml``) the SegMoTE parts on its frozen encoder.
 3. The model is written to ``segmote_core/data/demo/`` (``segmote_demo_lite_medsam`` resp.
@@ -17,8 +19,9 @@
 4. ``--ablations``: the SegMoTE phase again without MoTE (no expert tokens) and without PPT,
    from the same encoder; a comparison table is written.
 
-Every step is skipped when its output already exists (delete the work folder to start over);
-an interrupted training resumes where it stopped.
+Every step is skipped when its output already exists, and a training run also when a later
+run's model exists (each run only feeds the next; delete the work folder to start over); an
+interrupted training resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ ABLATIONS = {"no_mote": {"model.num_expert_tokens": 0},
 #: ``shared_cache``: every run reads the first run's embedding cache (one frozen encoder; the
 #: cache's signature still refuses it if the encoder or the slices differ).
 RECIPES = {"lite_medsam": {"runs": [("lite_medsam", "demo_lite_medsam.yaml"),
-                                    ("lite_medsam_ft", "demo_lite_medsam_ft.yaml")],
+                                    ("lite_medsam_ft", "demo_lite_medsam_ft.yaml"),
+                                    ("lite_medsam_cat", "demo_lite_medsam_cat.yaml")],
                            "docs": "lite_medsam", "title": "SegMoTE demo model (LiteMedSAM base)",
                            "train_cases_per_dataset": 12, "shared_cache": True},
            "tiny": {"runs": [("phase1", "demo_phase1.yaml"), ("phase2", "demo_phase2.yaml")],
@@ -84,6 +88,33 @@ def thin_selection(source: Path, target: Path, cases_per_dataset: int) -> Path:
     data.setdefault("config", {})["train_cases_per_dataset"] = cases_per_dataset
     target.write_text(json.dumps(data, indent=2))
     return target
+
+
+def first_needed_run(work: Path, runs: list[tuple[str, str]]) -> int:
+    """Index of the first run the recipe must visit: the last one whose model exists in
+    ``work`` (each run only feeds the next, so the ones before it are not needed), else 0."""
+    done = [i for i, (out, _) in enumerate(runs) if (work / out / "model.safetensors").is_file()]
+    return max(done) if done else 0
+
+
+def training_record(work: Path, runs: list[tuple[str, str]], base: str) -> dict[str, Any]:
+    """The installed model's ``training`` record: the last run's, with each earlier run's under
+    its folder name (read from its ``model.json`` where the work folder has it, also for runs
+    a rerun did not visit)."""
+    info = json.loads((work / runs[-1][0] / "model.json").read_text())
+    training = dict(info.get("training", {}),
+                    recipe=f"python -m training.make_demo_model --base {base}")
+    for out, _ in runs[:-1]:
+        path = work / out / "model.json"
+        if not path.is_file():
+            continue
+        rec = json.loads(path.read_text()).get("training") or {}
+        for earlier, _ in runs:  # a run seeded from an installed model carries the earlier
+            if earlier in rec:   # runs' records inside its own: one level, as if run here
+                training.setdefault(earlier, rec.pop(earlier))
+        rec.pop("recipe", None)
+        training[out] = rec
+    return training
 
 
 def _config_path(name: str) -> Path:
@@ -158,23 +189,23 @@ def main(argv: list[str] | None = None) -> int:
                                    recipe["train_cases_per_dataset"])
     data = {"data.cohort": str(cohort.resolve()), "data.selection": str(selection.resolve())}
     runs = recipe["runs"]
-    trains_demo = not all((work / out / "model.safetensors").is_file() for out, _ in runs)
+    first = first_needed_run(work, runs)
+    trains_demo = not all((work / out / "model.safetensors").is_file() for out, _ in runs[first:])
     previous: Path | None = None
     trained = {}
     cache = ({"cache_path": str((work / runs[0][0] / "embeddings.safetensors").resolve())}
              if recipe.get("shared_cache") else {})
-    for out, config_name in runs:
+    for i, (out, config_name) in enumerate(runs):
+        if i < first:
+            log.info("%s: skipped, %s has its model", out, runs[first][0])
+            continue
         init = {"init_checkpoint": str(previous.resolve())} if previous is not None else {}
         previous = trained[out] = _train(config_name, work, out, {**data, **init, **cache})
     final_run, final_config = runs[-1]
     final = trained[final_run]
     minutes = (time.perf_counter() - t_start) / 60
     model = load_segmote(final)
-    info = json.loads(final.with_suffix(".json").read_text())
-    training = dict(info.get("training", {}), recipe="python -m training.make_demo_model "
-                    f"--base {args.base}")
-    for out, _ in runs[:-1]:
-        training[out] = json.loads(trained[out].with_suffix(".json").read_text()).get("training")
+    training = training_record(work, runs, args.base)
     if not args.no_install:
         target = demo_model_path(args.base)
         save_segmote(model, target, training=training)
@@ -185,25 +216,36 @@ def main(argv: list[str] | None = None) -> int:
     run_real_image_check(model, docs, title=recipe["title"])
     rows = {"SegMoTE demo": result}
     if args.ablations:
-        init = ({"init_checkpoint": str(trained[runs[-2][0]].resolve())} if len(runs) > 1 else {})
+        init = ({"init_checkpoint": str((work / runs[-2][0] / "model.safetensors").resolve())}
+                if len(runs) > 1 else {})
         for name, change in ABLATIONS.items():
             extra = dict(change)
             if args.ablation_epochs:
                 extra["optim.epochs"] = args.ablation_epochs
                 extra["optim.lr_milestones"] = []
-            path = _train(final_config, work, f"ablation_{name}", {**data, **init, **extra})
+            # the same frozen encoder: its cache serves the ablation unless the ablation drops
+            # the expert tokens, whose HQ fusion branch is what reads the cached interm features
+            shared = cache if "model.num_expert_tokens" not in change else {}
+            path = _train(final_config, work, f"ablation_{name}", {**data, **init, **shared,
+                                                                   **extra})
             rows[name] = _evaluate(path, cohort, selection, work / f"eval_{name}", name)
             keep = docs / f"ablation_{name}"
             keep.mkdir(parents=True, exist_ok=True)
             for table in ("tables.md", "table_categories.csv"):
                 shutil.copy(work / f"eval_{name}" / table, keep / table)
         _write_ablation(rows, docs / "ablation.md", work, final_run)
-    if trains_demo:  # a rerun that only adds ablations keeps the record of the demo's run
-        record = {out: float((work / out / "minutes.txt").read_text()) for out, _ in runs}
+    # runs not repeated here keep their minutes; a rerun that only adds ablations keeps the
+    # total of the run that trained
+    kept = docs / "training_minutes.json"
+    record = json.loads(kept.read_text()) if kept.is_file() else {}
+    record.update({out: float((work / out / "minutes.txt").read_text()) for out, _ in runs
+                   if (work / out / "minutes.txt").is_file()})
+    if trains_demo:
         record["demo_total_this_run"] = round(minutes, 2)
-        (docs / "training_minutes.json").write_text(json.dumps(record, indent=2))
+    kept.write_text(json.dumps(record, indent=2))
     for out, _ in runs:
-        shutil.copy(work / out / "metrics.csv", docs / f"{out}_metrics.csv")
+        if (work / out / "metrics.csv").is_file():
+            shutil.copy(work / out / "metrics.csv", docs / f"{out}_metrics.csv")
     return 0
 
 

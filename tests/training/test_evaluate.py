@@ -69,10 +69,13 @@ def test_evaluation_rows_and_tables(result):
     assert len(rows[rows["mode"] == "box"]) == ds.num_masks
     assert len(rows[rows["mode"] == "point"]) == ds.num_masks
     auto = rows[rows["mode"] == "auto"]
-    assert len(auto) == int(ds.binary.sum()) and set(auto["category"]) == {"disc", "lesion"}
+    # prompt-free: every binary mask, and every category of a multi-category slice with its
+    # text token as PPT's guide (category-conditioned PPT, what `segmote batch --categories` runs)
+    assert len(auto) == ds.num_masks and set(auto["category"]) == {"disc", "lesion", "rim",
+                                                                  "core"}
     assert rows["dice"].between(0, 1).all()
-    # text tokens go with the ambiguous parts only
-    assert rows[rows["category"].isin(["rim", "core"]) & (rows["mode"] != "auto")]["text"].all()
+    # text tokens go with the ambiguous parts only, in every mode
+    assert rows[rows["category"].isin(["rim", "core"])]["text"].all()
     assert not rows[rows["category"].isin(["disc", "lesion"])]["text"].any()
     assert rows["token"].between(0, 3).all() and rows["expert"].between(0, 3).all()
     t = tables(res)
@@ -81,6 +84,10 @@ def test_evaluation_rows_and_tables(result):
         for mode, gm in g.groupby("mode"):
             assert cat.loc[(dataset, category), mode] == pytest.approx(gm["dice"].mean())
     assert t["datasets"].loc[("spots", "DERM"), "masks"] == 4
+    # a dataset's auto stays the binary task's (Table 1): the categories have their own rows
+    for (dataset, modality), g in rows[rows["binary"] & (rows["mode"] == "auto")].groupby(
+            ["dataset", "modality"]):
+        assert t["datasets"].loc[(dataset, modality), "auto"] == pytest.approx(g["dice"].mean())
     assert set(t["ppt"].columns) == {"point (w/o PPT)", "auto (PPT)", "masks"}
     frac = usage_fractions(rows, "token", 4)
     assert np.allclose(frac.sum(axis=1), 1.0)
