@@ -8,9 +8,9 @@
    encoder frozen from the start (outputs pre-computed once); expert tokens + MoTE, HQ fusion,
    PPT, the text guide and SAM's decoder train (``demo_lite_medsam.yaml``, a quarter of the
    steps free boxes with LiteMedSAM's own answers as targets), then a shorter second stage
-   from that model draws the thin brain structures more often (``demo_lite_medsam_ft.yaml``),
-   and a third teaches category-conditioned PPT (the category's text token as PPT's guide,
-   what ``segmote batch --categories`` runs; ``demo_lite_medsam_cat.yaml``).
+   from that model draws the thin brain structures more often (``demo_lite_medsam_ft.yaml``).
+   (``demo_lite_medsam_cat.yaml``, a third stage for ``segmote batch --categories``, is an
+   experiment and not part of the recipe: docs/demo_model.md says what it gained and cost.)
    ``--base tiny``: no pretrained tiny SAM exists, so phase 1 (``demo_phase1.yaml``) trains a
    tiny SAM end to end, phase 2 (``demo_phase2.yaml``) the SegMoTE parts on its frozen encoder.
 3. The model is written to ``segmote_core/data/demo/`` (``segmote_demo_lite_medsam`` resp.
@@ -58,8 +58,7 @@ ABLATIONS = {"no_mote": {"model.num_expert_tokens": 0},
 #: ``shared_cache``: every run reads the first run's embedding cache (one frozen encoder; the
 #: cache's signature still refuses it if the encoder or the slices differ).
 RECIPES = {"lite_medsam": {"runs": [("lite_medsam", "demo_lite_medsam.yaml"),
-                                    ("lite_medsam_ft", "demo_lite_medsam_ft.yaml"),
-                                    ("lite_medsam_cat", "demo_lite_medsam_cat.yaml")],
+                                    ("lite_medsam_ft", "demo_lite_medsam_ft.yaml")],
                            "docs": "lite_medsam", "title": "SegMoTE demo model (LiteMedSAM base)",
                            "train_cases_per_dataset": 12, "shared_cache": True},
            "tiny": {"runs": [("phase1", "demo_phase1.yaml"), ("phase2", "demo_phase2.yaml")],
