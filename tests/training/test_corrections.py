@@ -72,6 +72,7 @@ def shared_embeddings(tmp_path_factory):
     return tmp_path_factory.mktemp("embeddings")
 
 
+@pytest.mark.slow    # a fine-tune of the demo model (~90 s); CI runs it too
 def test_finetune_changes_only_the_trainable_additions_and_records_lineage(reviewed_store,
                                                                            shared_embeddings,
                                                                            tmp_path):
