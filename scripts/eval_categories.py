@@ -53,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import zarr
 
-    from segmote_core.build import load_demo_model, load_segmote
+    from segmote_core.build import demo_model_path
+    from segmote_core.checkpoint import checkpoint_config, read_checkpoint_info
     from training.dataset import build_slice_dataset
 
-    model = load_segmote(args.checkpoint) if args.checkpoint else load_demo_model()
-    tables = build_slice_dataset(args.cohort, image_size=model.image_size,
-                                 selection=args.selection, split=args.split, keep_original=True)
-    del model
+    # the tables' masks at the model's input size: read from the checkpoint, no model built
+    ckpt = Path(args.checkpoint) if args.checkpoint else demo_model_path()
+    size = checkpoint_config(ckpt, read_checkpoint_info(ckpt)).resolved_image_size
+    tables = build_slice_dataset(args.cohort, image_size=size, selection=args.selection,
+                                 split=args.split, keep_original=True)
 
     sel = json.loads(args.selection.read_text())
     root = zarr.open_group(str(args.cohort), mode="r")
@@ -89,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         out = zarr.open_group(str(store), mode="r")
         table = dict(out.attrs)["label_table"]
         value = {name: int(v) for v, name in table.items()}
+        labels = {case_id: np.asarray(out[case_id]["labels"]) for case_id in cases}  # read once
         for name in names:
             gt_id = int(next(k for k, v in cats.items() if v == name))
             per_slice, gts, preds, false = [], [], [], 0
             for case_id in cases:
                 gt = np.asarray(root[case_id]["labels"]) == gt_id
-                pred = np.asarray(out[case_id]["labels"]) == value[name]
+                pred = labels[case_id] == value[name]
                 gt, pred = gt.reshape(-1, *gt.shape[-2:]), pred.reshape(-1, *pred.shape[-2:])
                 for z in range(len(gt)):
                     if gt[z].any():
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 j = int(tables.mask_slice[i])
                 if tables.categories[i] != name or tables.cases[j] not in cases:
                     continue
-                pred = np.asarray(out[tables.cases[j]]["labels"])
+                pred = labels[tables.cases[j]]
                 pred = pred[int(tables.z[j])] if pred.ndim == 3 else pred
                 scored.append(dice(np.asarray(tables.original_masks[i], bool),
                                    pred == value[name]))

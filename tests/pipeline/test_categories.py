@@ -146,7 +146,7 @@ def uninterrupted_run(category_checkpoint_file, clean_cohort, tmp_path_factory):
 
 
 def test_multi_category_store_report_and_attrs(category_checkpoint_file, clean_cohort,
-                                                             uninterrupted_run):
+                                               uninterrupted_run):
     ckpt, cohort = category_checkpoint_file, clean_cohort
     out, rc = uninterrupted_run
     assert rc == 0
