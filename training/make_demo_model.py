@@ -222,10 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.ablation_epochs:
                 extra["optim.epochs"] = args.ablation_epochs
                 extra["optim.lr_milestones"] = []
-            # the same frozen encoder: its cache serves the ablation unless the ablation drops
-            # the expert tokens, whose HQ fusion branch is what reads the cached interm features
-            shared = cache if "model.num_expert_tokens" not in change else {}
-            path = _train(final_config, work, f"ablation_{name}", {**data, **init, **shared,
+            # the same frozen encoder: the shared cache serves every ablation (one without
+            # expert tokens reads its final embeddings and leaves the intermediate ones)
+            path = _train(final_config, work, f"ablation_{name}", {**data, **init, **cache,
                                                                    **extra})
             rows[name] = _evaluate(path, cohort, selection, work / f"eval_{name}", name)
             keep = docs / f"ablation_{name}"

@@ -4,7 +4,9 @@ The image encoder is the expensive part of SegMoTE; with it frozen its outputs n
 they are computed once per slice and every epoch runs only the decoder side. The cache lives in
 memory as float16 tensors and on disk as one ``.safetensors`` file whose metadata signs the
 encoder weights, the slice pixels and the image size: a file whose signature differs is refused
-(:class:`FeatureCacheMismatchError`) and recomputed, never silently reused.
+(:class:`FeatureCacheMismatchError`) and recomputed, never silently reused. One exception
+is no mismatch: a cache that also holds the intermediate features serves a model of the same
+encoder that reads none (no expert tokens), so runs that share a cache never overwrite it.
 
 Computing it is the dominant cost of a run on CPU (seconds per slice for a ViT-B), so it is
 written in chunks of ``chunk_size`` slices to ``<cache>.parts/`` as it goes: an interrupted
@@ -60,6 +62,13 @@ def encoder_signature(model: SegMoTE, images: np.ndarray) -> dict[str, str]:
             "interm": str(model.needs_interm), "count": str(len(images)), "padding": "normalised-0"}
 
 
+def _serves_without_interm(found: dict[str, str], expected: dict[str, str]) -> bool:
+    """A cache with intermediate features (``found``) holds all a model that needs none
+    (``expected``) reads: the same signature but for ``interm``."""
+    return (expected.get("interm") == "False" and found.get("interm") == "True"
+            and {**found, "interm": "False"} == expected)
+
+
 @dataclass
 class FeatureCache:
     """Encoder outputs of N slices, stored float16.
@@ -106,6 +115,11 @@ class FeatureCache:
         except (SafetensorError, OSError, ValueError) as exc:
             raise FeatureCacheMismatchError(f"{path}: unreadable embedding cache ({exc})") from exc
         found = json.loads(meta.get("signature", "{}"))
+        if found != expected and _serves_without_interm(found, expected):
+            # the same encoder on the same slices, cached with the intermediate features a
+            # model without the HQ fusion branch does not read: served without them
+            tensors.pop("interm_embeddings", None)
+            return cls(tensors["image_embeddings"], None, dict(expected))
         if found != expected:
             diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
             raise FeatureCacheMismatchError(f"{path}: embedding cache was made for another "

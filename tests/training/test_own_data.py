@@ -168,3 +168,34 @@ def test_interrupt_during_precompute_says_what_was_kept(tiny_cohort, tmp_path, m
     assert hint.startswith(f"8 of {ds.num_slices} slices of the embedding pre-compute")
     assert str(parts_dir(trainer.cache_file)) in hint and "rerun the same command" in hint
     assert not trainer.ckpt_dir.exists()   # the old message named this missing folder
+
+
+def test_cache_with_intermediate_features_serves_a_model_without_expert_tokens(tiny_cohort,
+                                                                              tmp_path):
+    torch.manual_seed(0)
+    with_experts = build_segmote(TINY).eval()
+    without = build_segmote(SegMoTEConfig(model_type="tiny", image_size=64,
+                                          num_expert_tokens=0)).eval()
+    without.sam.load_state_dict(with_experts.sam.state_dict())   # the same frozen encoder
+    assert with_experts.needs_interm and not without.needs_interm
+    ds = build_slice_dataset(tiny_cohort, image_size=64, split=None)
+    path = tmp_path / "emb.safetensors"
+    shared = load_or_compute_features(with_experts, ds.images, ds.extents, path, batch_size=4)
+    assert shared.interm_embeddings is not None
+    before = path.read_bytes()
+
+    calls = EncoderCalls(without)
+    served = load_or_compute_features(without, ds.images, ds.extents, path, batch_size=4)
+    assert calls.images == 0                           # nothing recomputed
+    assert served.interm_embeddings is None
+    assert torch.equal(served.image_embeddings, shared.image_embeddings)
+    assert path.read_bytes() == before                 # the shared file is left as it was
+    calls.close()
+
+    # the other way round is a mismatch: a cache without them cannot serve the expert tokens
+    own = tmp_path / "plain.safetensors"
+    load_or_compute_features(without, ds.images, ds.extents, own, batch_size=4)
+    calls = EncoderCalls(with_experts)
+    again = load_or_compute_features(with_experts, ds.images, ds.extents, own, batch_size=4)
+    assert calls.images == ds.num_slices and again.interm_embeddings is not None
+    calls.close()
