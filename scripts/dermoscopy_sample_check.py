@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from segmote_core.build import demo_model_path, load_segmote
 from segmote_core.geometry import mask_to_box
 from segmote_core.predictor import SegMoTEPredictor
 from segmote_core.sample_images import make_dermoscopy_phantom
+from training.losses import dice_score as dice
 
 #: (seed, size): the plugin's sample first
 SAMPLES = ((0, 192), (1, 192), (2, 256), (3, 160))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2.0 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,9 @@ The image encoder is the expensive part of SegMoTE; with it frozen its outputs n
 they are computed once per slice and every epoch runs only the decoder side. The cache lives in
 memory as float16 tensors and on disk as one ``.safetensors`` file whose metadata signs the
 encoder weights, the slice pixels and the image size: a file whose signature differs is refused
-(:class:`FeatureCacheMismatchError`) and recomputed, never silently reused. One exception
-is no mismatch: a cache that also holds the intermediate features serves a model of the same
-encoder that reads none (no expert tokens), so runs that share a cache never overwrite it.
+(:class:`FeatureCacheMismatchError`) and recomputed, never silently reused. A cache that also
+holds the intermediate features is not a mismatch for a model of the same encoder that reads
+none (no expert tokens): it serves that model as it is, so runs sharing a cache never overwrite it.
 
 Computing it is the dominant cost of a run on CPU (seconds per slice for a ViT-B), so it is
 written in chunks of ``chunk_size`` slices to ``<cache>.parts/`` as it goes: an interrupted
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from segmote_core.errors import FeatureCacheMismatchError
 from segmote_core.fileio import atomic_write
@@ -106,25 +106,26 @@ class FeatureCache:
 
     @classmethod
     def load(cls, path: str | Path, expected: dict[str, str]) -> "FeatureCache":
-        """Read a cache file; raise :class:`FeatureCacheMismatchError` if its signature differs."""
+        """Read a cache file; raise :class:`FeatureCacheMismatchError` if its signature differs.
+
+        The signature is checked before any tensor is read, and only the tensors served are read
+        (a model without the HQ fusion branch gets no intermediate features)."""
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
+                found = json.loads((f.metadata() or {}).get("signature", "{}"))
+                served = found == expected or _serves_without_interm(found, expected)
+                names = ["image_embeddings"]
+                if found == expected and "interm_embeddings" in f.keys():
+                    names.append("interm_embeddings")
+                tensors = {name: f.get_tensor(name) for name in names} if served else {}
         except (SafetensorError, OSError, ValueError) as exc:
             raise FeatureCacheMismatchError(f"{path}: unreadable embedding cache ({exc})") from exc
-        found = json.loads(meta.get("signature", "{}"))
-        if found != expected and _serves_without_interm(found, expected):
-            # the same encoder on the same slices, cached with the intermediate features a
-            # model without the HQ fusion branch does not read: served without them
-            tensors.pop("interm_embeddings", None)
-            return cls(tensors["image_embeddings"], None, dict(expected))
-        if found != expected:
+        if not served:
             diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
             raise FeatureCacheMismatchError(f"{path}: embedding cache was made for another "
                                          f"{', '.join(diff)}; it will not be reused")
-        return cls(tensors["image_embeddings"], tensors.get("interm_embeddings"), found)
+        return cls(tensors["image_embeddings"], tensors.get("interm_embeddings"), dict(expected))
 
 
 @torch.no_grad()
