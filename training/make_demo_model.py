@@ -8,16 +8,17 @@
    encoder frozen from the start (outputs pre-computed once); expert tokens + MoTE, HQ fusion,
    PPT, the text guide and SAM's decoder train (``demo_lite_medsam.yaml``, a quarter of the
    steps free boxes with LiteMedSAM's own answers as targets), then a shorter second stage
-   from that model draws the thin brain structures more often (``demo_lite_medsam_ft.yaml``).
-   (``demo_lite_medsam_cat.yaml``, a third stage for ``segmote batch --categories``, is an
-   experiment and not part of the recipe: docs/demo_model.md says what it gained and cost.)
+   from that model draws the thin brain structures more often (``demo_lite_medsam_ft.yaml``),
+   and a third stage (``demo_lite_medsam_cat.yaml``) teaches category-conditioned PPT for
+   ``segmote batch --categories`` while keeping plain PPT: it reads the whole training split
+   (every CT slice, all dermoscopy and X-ray cases) with its own embedding cache.
    ``--base tiny``: no pretrained tiny SAM exists, so phase 1 (``demo_phase1.yaml``) trains a
    tiny SAM end to end, phase 2 (``demo_phase2.yaml``) the SegMoTE parts on its frozen encoder.
 3. The model is written to ``segmote_core/data/demo/`` (``segmote_demo_lite_medsam`` resp.
    ``segmote_demo``), evaluated on the held-out patients and on real DICOM slices (the
    label-free real-image check), and the tables/figures go to ``docs/demo_model/[lite_medsam/]``.
-4. ``--ablations``: the SegMoTE phase again without MoTE (no expert tokens) and without PPT,
-   from the same encoder; a comparison table is written.
+4. ``--ablations``: the last stage again without MoTE (no expert tokens) and without PPT,
+   from the stage before it, on the same data and encoder; a comparison table is written.
 
 Every step is skipped when its output already exists, and a training run also when a later
 run's model exists (each run only feeds the next; delete the work folder to start over); an
@@ -57,10 +58,14 @@ ABLATIONS = {"no_mote": {"model.num_expert_tokens": 0},
 #: per slice on a CPU, and a pretrained base needs few examples.
 #: ``shared_cache``: every run reads the first run's embedding cache (one frozen encoder; the
 #: cache's signature still refuses it if the encoder or the slices differ).
+#: ``whole_split``: runs that read the whole training split (not thinned) with their own
+#: embedding cache in their folder (their slices differ from the shared cache's).
 RECIPES = {"lite_medsam": {"runs": [("lite_medsam", "demo_lite_medsam.yaml"),
-                                    ("lite_medsam_ft", "demo_lite_medsam_ft.yaml")],
+                                    ("lite_medsam_ft", "demo_lite_medsam_ft.yaml"),
+                                    ("lite_medsam_cat", "demo_lite_medsam_cat.yaml")],
                            "docs": "lite_medsam", "title": "SegMoTE demo model (LiteMedSAM base)",
-                           "train_cases_per_dataset": 12, "shared_cache": True},
+                           "train_cases_per_dataset": 12, "shared_cache": True,
+                           "whole_split": ("lite_medsam_cat",)},
            "tiny": {"runs": [("phase1", "demo_phase1.yaml"), ("phase2", "demo_phase2.yaml")],
                     "docs": "", "title": "SegMoTE demo model (tiny)"}}
 
@@ -114,6 +119,28 @@ def training_record(work: Path, runs: list[tuple[str, str]], base: str) -> dict[
         rec.pop("recipe", None)
         training[out] = rec
     return training
+
+
+def run_data(recipe: dict[str, Any], out: str, work: Path, thinned: dict[str, str],
+             whole: dict[str, str]) -> dict[str, str]:
+    """The data overrides of run ``out``: the thinned selection and, with ``shared_cache``, the
+    first run's embedding cache; a ``whole_split`` run the whole training split and its own
+    cache in its folder (its slices differ, so the shared file would not serve it)."""
+    if out in recipe.get("whole_split", ()):
+        return {**whole, "cache_path": str((work / out / "embeddings.safetensors").resolve())}
+    if recipe.get("shared_cache"):
+        first = recipe["runs"][0][0]
+        return {**thinned, "cache_path": str((work / first / "embeddings.safetensors").resolve())}
+    return dict(thinned)
+
+
+def ablation_start(recipe: dict[str, Any], work: Path) -> tuple[str, str, dict[str, str]]:
+    """The run the ablations repeat (the last), its config and the model it starts from (the
+    run before it; none for a one-run recipe)."""
+    runs = recipe["runs"]
+    init = ({"init_checkpoint": str((work / runs[-2][0] / "model.safetensors").resolve())}
+            if len(runs) > 1 else {})
+    return runs[-1][0], runs[-1][1], init
 
 
 def _config_path(name: str) -> Path:
@@ -183,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     selection = args.selection or work / "selection.json"
     if not selection.is_file():
         _segmote_cli("curate", str(cohort), str(selection))
+    whole = {"data.cohort": str(cohort.resolve()), "data.selection": str(selection.resolve())}
     if recipe.get("train_cases_per_dataset"):
         selection = thin_selection(selection, work / f"selection_{args.base}.json",
                                    recipe["train_cases_per_dataset"])
@@ -192,15 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     trains_demo = not all((work / out / "model.safetensors").is_file() for out, _ in runs[first:])
     previous: Path | None = None
     trained = {}
-    cache = ({"cache_path": str((work / runs[0][0] / "embeddings.safetensors").resolve())}
-             if recipe.get("shared_cache") else {})
     for i, (out, config_name) in enumerate(runs):
         if i < first:
             log.info("%s: skipped, %s has its model", out, runs[first][0])
             continue
         init = {"init_checkpoint": str(previous.resolve())} if previous is not None else {}
-        previous = trained[out] = _train(config_name, work, out, {**data, **init, **cache})
-    final_run, final_config = runs[-1]
+        previous = trained[out] = _train(config_name, work, out,
+                                         {**run_data(recipe, out, work, data, whole), **init})
+    final_run = runs[-1][0]
     final = trained[final_run]
     minutes = (time.perf_counter() - t_start) / 60
     model = load_segmote(final)
@@ -215,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     run_real_image_check(model, docs, title=recipe["title"])
     rows = {"SegMoTE demo": result}
     if args.ablations:
-        init = ({"init_checkpoint": str((work / runs[-2][0] / "model.safetensors").resolve())}
-                if len(runs) > 1 else {})
+        ablated, ablation_config, init = ablation_start(recipe, work)
         for name, change in ABLATIONS.items():
             extra = dict(change)
             if args.ablation_epochs:
@@ -224,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra["optim.lr_milestones"] = []
             # the same frozen encoder: the shared cache serves every ablation (one without
             # expert tokens reads its final embeddings and leaves the intermediate ones)
-            path = _train(final_config, work, f"ablation_{name}", {**data, **init, **cache,
-                                                                   **extra})
+            path = _train(ablation_config, work, f"ablation_{name}",
+                          {**run_data(recipe, ablated, work, data, whole), **init, **extra})
             rows[name] = _evaluate(path, cohort, selection, work / f"eval_{name}", name)
             keep = docs / f"ablation_{name}"
             keep.mkdir(parents=True, exist_ok=True)

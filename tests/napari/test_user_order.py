@@ -69,7 +69,10 @@ def test_viewer_first_then_plugin_demo_model_point_prompt(tmp_path, via):
     assert r["current_slice"] == r["slice"] == 12
     assert r["slices_with_mask"] == [12]                  # the prompted slice, and only it
     assert r["mask_pixels"] > 0 and r["clicked_pixel_in_mask"] is True
-    assert r["recall"] >= 0.9                              # the mask covers the clicked kidney
+    # the mask is the clicked kidney: it covers it and is not the soft tissue around it (the
+    # three-stage default: Dice 0.82, recall 0.89; the two-stage one took the soft tissue too,
+    # Dice 0.42, recall 0.93)
+    assert r["recall"] >= 0.85 and r["dice"] >= 0.75
     assert "expert" in r["status"]
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
