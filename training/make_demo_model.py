@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.ablation_epochs:
                 extra["optim.epochs"] = args.ablation_epochs
                 extra["optim.lr_milestones"] = []
-            # the same frozen encoder: the shared cache serves every ablation (one without
-            # expert tokens reads its final embeddings and leaves the intermediate ones)
+            # the same frozen encoder and data: the ablated run's embedding cache serves every
+            # ablation (one without expert tokens reads its final embeddings and leaves the
+            # intermediate ones)
             path = _train(ablation_config, work, f"ablation_{name}",
                           {**run_data(recipe, ablated, work, data, whole), **init, **extra})
             rows[name] = _evaluate(path, cohort, selection, work / f"eval_{name}", name)
